@@ -1,0 +1,41 @@
+# tf-landmarks: `make demo` sets everything up and runs the main job on the synthetic data;
+# `make test` sets up and runs the default test suite (what CI runs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA ?= data/synthetic
+DEMO_RECORDS ?= records/synthetic
+
+.PHONY: install install-gpu demo test test-all bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# tensorflow[and-cuda] and tensorflow-cpu ship the same `tensorflow` package: install the CUDA build
+# last so that its files are the ones left on disk.
+install-gpu: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[gpu]'
+	$(BIN)/pip uninstall --yes tensorflow-cpu
+	$(BIN)/pip install --quiet --force-reinstall --no-deps 'tensorflow~=2.21.0'
+
+demo: $(STAMP)
+	$(BIN)/tfl-synth --flagfile=configs/synthetic_data.flags --output_dir=$(DEMO_DATA)
+	$(BIN)/tfl-build-records --flagfile=configs/synthetic_records.flags \
+	  --train_csv=$(DEMO_DATA)/train.csv --test_csv=$(DEMO_DATA)/test.csv \
+	  --image_dir=$(DEMO_DATA)/images --output_dir=$(DEMO_RECORDS)
+	$(BIN)/tfl-inspect-records --records_dir=$(DEMO_RECORDS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m 'not slow' -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RECORDS) .pytest_cache

@@ -1,0 +1,3 @@
+"""tf-landmarks: Google-Landmarks-style landmark recognition and retrieval with TensorFlow/Keras."""
+
+__version__ = '0.1.0'
