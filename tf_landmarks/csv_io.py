@@ -5,7 +5,13 @@ them; structural problems (missing columns, an empty file) raise `CsvError` with
 user, and per-row problems are returned as skipped rows with a reason rather than raised.
 """
 
+import csv
+import dataclasses
+import hashlib
 import re
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import tensorflow as tf
 
 # Google Landmarks ids are 16 hex digits; other datasets use other ids, so accept any short name made
 # of safe characters. Never a path separator, never '.' or '..', never a leading dot.
@@ -19,3 +25,172 @@ class CsvError(ValueError):
 def is_safe_image_id(image_id: str) -> bool:
   """True if `image_id` can be used as a file name without escaping its folder."""
   return bool(_SAFE_ID.match(image_id)) and '..' not in image_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRow:
+  """One usable CSV row. `landmark_id` is None for test rows."""
+  image_id: str
+  url: str
+  landmark_id: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRow:
+  """A row left out, with the reason; `line` is the 1-based line in `source` (0 if not from a file)."""
+  source: str
+  line: int
+  image_id: str
+  reason: str
+
+
+def _open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, row dict) of a CSV after checking that it has the required columns."""
+  if not tf.io.gfile.exists(path):
+    raise CsvError(f'{path}: file not found')
+  with tf.io.gfile.GFile(path, 'r') as f:
+    try:
+      reader = csv.DictReader(f)
+      header = reader.fieldnames
+    except (csv.Error, UnicodeDecodeError) as error:
+      raise CsvError(f'{path}: not a readable CSV ({error})') from None
+    if not header:
+      raise CsvError(f'{path}: the file is empty (expected a header with columns '
+                     f'{",".join(required)})')
+    header = [name.strip() for name in header]
+    missing = [name for name in required if name not in header]
+    if missing:
+      raise CsvError(f'{path}: missing column(s) {", ".join(missing)}; the header has '
+                     f'{", ".join(header) or "no columns"}')
+    reader.fieldnames = header
+    try:
+      for row in reader:
+        yield reader.line_num, row
+    except (csv.Error, UnicodeDecodeError) as error:
+      raise CsvError(f'{path}: not a readable CSV near line {reader.line_num} ({error})') from None
+
+
+def _check_id(source: str, line: int, raw_id: Optional[str], seen: set,
+              skipped: List[SkippedRow]) -> Optional[str]:
+  """Returns the stripped id, or None after recording why the row is skipped."""
+  image_id = (raw_id or '').strip()
+  if not image_id:
+    reason = 'empty id'
+  elif not is_safe_image_id(image_id):
+    reason = 'unsafe id (path separators, "..", or unusual characters)'
+  elif image_id in seen:
+    reason = 'duplicate id'
+  else:
+    seen.add(image_id)
+    return image_id
+  skipped.append(SkippedRow(source, line, image_id, reason))
+  return None
+
+
+def _parse_landmark_id(text: Optional[str]) -> Optional[int]:
+  try:
+    value = int((text or '').strip())
+  except ValueError:
+    return None
+  return value if value >= 0 else None
+
+
+def _require_rows(path: str, rows: list, skipped: List[SkippedRow]) -> None:
+  if not rows:
+    detail = f'all {len(skipped)} rows were unusable, e.g. line {skipped[0].line}: ' \
+             f'{skipped[0].reason}' if skipped else 'it has a header but no rows'
+    raise CsvError(f'{path}: no usable rows ({detail})')
+
+
+def read_train_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
+  """Reads a Google Landmarks train CSV (`id,url,landmark_id`; `url` may be absent).
+
+  Per-row problems (unsafe, empty or duplicate id; a landmark_id that is not a non-negative integer,
+  such as 'None' in the 2018 data) skip that row. The first occurrence of a duplicate id is kept.
+
+  Returns:
+    The usable rows in file order, and the skipped rows with reasons.
+
+  Raises:
+    CsvError: the file is missing, unreadable, empty, lacks `id` or `landmark_id`, or has no usable row.
+  """
+  rows, skipped, seen = [], [], set()
+  for line, row in _open_rows(path, ('id', 'landmark_id')):
+    image_id = _check_id(path, line, row.get('id'), seen, skipped)
+    if image_id is None:
+      continue
+    landmark_id = _parse_landmark_id(row.get('landmark_id'))
+    if landmark_id is None:
+      skipped.append(SkippedRow(path, line, image_id,
+                                f'landmark_id {row.get("landmark_id")!r} is not a non-negative integer'))
+      continue
+    rows.append(ImageRow(image_id, (row.get('url') or '').strip(), landmark_id))
+  _require_rows(path, rows, skipped)
+  return rows, skipped
+
+
+def read_test_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
+  """Reads a Google Landmarks test or index CSV (`id,url`; `url` may be absent).
+
+  Returns and raises as `read_train_csv`; rows have landmark_id None.
+  """
+  rows, skipped, seen = [], [], set()
+  for line, row in _open_rows(path, ('id',)):
+    image_id = _check_id(path, line, row.get('id'), seen, skipped)
+    if image_id is not None:
+      rows.append(ImageRow(image_id, (row.get('url') or '').strip(), None))
+  _require_rows(path, rows, skipped)
+  return rows, skipped
+
+
+def read_train_clean_csv(path: str) -> tuple[Dict[str, int], List[SkippedRow]]:
+  """Reads GLDv2's `train_clean.csv` (`landmark_id,images`, images space-separated).
+
+  Returns:
+    A map image id → landmark id of the clean subset, and the skipped entries (bad landmark ids,
+    unsafe ids, ids listed twice).
+
+  Raises:
+    CsvError: as `read_train_csv`.
+  """
+  clean, skipped, seen = {}, [], set()
+  for line, row in _open_rows(path, ('landmark_id', 'images')):
+    landmark_id = _parse_landmark_id(row.get('landmark_id'))
+    if landmark_id is None:
+      skipped.append(SkippedRow(path, line, '',
+                                f'landmark_id {row.get("landmark_id")!r} is not a non-negative integer'))
+      continue
+    for raw_id in (row.get('images') or '').split():
+      image_id = _check_id(path, line, raw_id, seen, skipped)
+      if image_id is not None:
+        clean[image_id] = landmark_id
+  _require_rows(path, list(clean), skipped)
+  return clean, skipped
+
+
+def apply_clean_subset(rows: List[ImageRow], clean: Dict[str, int],
+                       source: str) -> tuple[List[ImageRow], List[SkippedRow]]:
+  """Keeps the train rows that GLDv2's clean subset lists, with the clean subset's landmark id.
+
+  Rows absent from the clean subset are skipped with a reason, so the manifest accounts for them.
+  Clean ids with no train row are returned as rows without url (images are then read from disk).
+  """
+  kept, skipped = [], []
+  for row in rows:
+    if row.image_id in clean:
+      kept.append(ImageRow(row.image_id, row.url, clean[row.image_id]))
+    else:
+      skipped.append(SkippedRow(source, 0, row.image_id, 'not in the clean subset'))
+  listed = {row.image_id for row in rows}
+  kept.extend(ImageRow(image_id, '', landmark_id)
+              for image_id, landmark_id in clean.items() if image_id not in listed)
+  return kept, skipped
+
+
+def file_sha256(path: str) -> str:
+  """Hex SHA-256 of a file, streamed, for the manifest's record of its inputs."""
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -1,0 +1,273 @@
+"""CSV + images → shards: bad input, round trips, resume, layouts, TFDS loading, the CLI."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_landmarks import ingest
+from tf_landmarks import images
+from tf_landmarks import schema
+from tf_landmarks.splits import Singletons
+from conftest import REAL_DATA, REPO, jpeg_bytes, requires_real_data
+
+
+def read_split(output_dir, split):
+  """All examples of a split as a dict id → parsed numpy fields (decoded image under 'pixels')."""
+  files = sorted(tf.io.gfile.glob(os.path.join(output_dir, f'{split}-*-of-*')))
+  examples = {}
+  for record in tf.data.TFRecordDataset(files):
+    parsed = {k: v.numpy() for k, v in schema.parse_example(record).items()}
+    parsed['pixels'] = tf.io.decode_jpeg(parsed[schema.ENCODED]).numpy()
+    examples[parsed[schema.ID].decode()] = parsed
+  return examples
+
+
+def write_dataset(root, rows, extra_files=None, sizes=None):
+  """Writes images/<id>.jpg for every (id, landmark_id) row and a train.csv listing them."""
+  image_dir = root / 'images'
+  image_dir.mkdir(parents=True, exist_ok=True)
+  for index, (image_id, _) in enumerate(rows):
+    width, height = (sizes or {}).get(image_id, (96, 72))
+    (image_dir / f'{image_id}.jpg').write_bytes(jpeg_bytes(width, height, seed=index))
+  for name, data in (extra_files or {}).items():
+    (image_dir / name).write_bytes(data)
+  with open(root / 'train.csv', 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['id', 'url', 'landmark_id'])
+    for image_id, landmark_id in rows:
+      writer.writerow([image_id, f'http://example.invalid/{image_id}.jpg', landmark_id])
+  return image_dir
+
+
+def config_for(root, **overrides):
+  settings = dict(output_dir=str(root / 'records'), train_csv=str(root / 'train.csv'),
+                  image_dir=str(root / 'images'), validation_fraction=0.25, max_image_size=64,
+                  examples_per_shard=7, num_workers=1, progress=False)
+  settings.update(overrides)
+  return ingest.BuildConfig(**settings)
+
+
+GOOD_ROWS = [(f'good{i:02d}', 100 + i % 3) for i in range(18)]
+
+
+def test_planted_bad_rows_leave_exactly_the_good_rows(tmp_path):
+  bad_files = {
+      'zerobyte.jpg': b'',
+      'truncated.jpg': jpeg_bytes(300, 200)[:700],
+      'garbage.jpg': b'<html>not found</html>',
+      'tiny.jpg': jpeg_bytes(20, 20),
+  }
+  write_dataset(tmp_path, GOOD_ROWS, extra_files=bad_files)
+  with open(tmp_path / 'train.csv', 'a') as f:
+    f.write('zerobyte,u,100\ntruncated,u,101\ngarbage,u,102\ntiny,u,100\nmissing,u,101\n'
+            'good00,u,100\nbadlabel,u,None\n../../etc/passwd,u,100\n,u,100\n')
+  manifest = ingest.build_records(config_for(tmp_path, num_workers=2))
+
+  written = {**read_split(manifest['config']['output_dir'], 'train'),
+             **read_split(manifest['config']['output_dir'], 'validation')}
+  assert sorted(written) == sorted(image_id for image_id, _ in GOOD_ROWS)
+  assert manifest['skipped']['total'] == 9
+  assert manifest['skipped']['by_reason'] == {
+      'empty file': 1, 'corrupt or truncated image': 1, 'not a readable image': 1, 'image too small': 1,
+      'missing image file': 1, 'duplicate id': 1, "landmark_id 'None' is not a non-negative integer": 1,
+      'unsafe id': 1, 'empty id': 1}
+  assert manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples'] == 18
+  assert not tf.io.gfile.exists(os.path.join(manifest['config']['output_dir'], ingest.STAGING))
+
+
+def test_round_trip_ids_labels_and_pixels(tmp_path):
+  write_dataset(tmp_path, GOOD_ROWS, sizes={'good00': (200, 100)})
+  manifest = ingest.build_records(config_for(tmp_path, max_image_size=0))
+  output_dir = manifest['config']['output_dir']
+  label_map = list(csv.DictReader(open(os.path.join(output_dir, 'label_map.csv'))))
+  assert [(r['label'], r['landmark_id']) for r in label_map] == [('0', '100'), ('1', '101'),
+                                                                  ('2', '102')]
+  train, validation = read_split(output_dir, 'train'), read_split(output_dir, 'validation')
+  assert sum(int(r['num_images']) for r in label_map) == len(train)
+  landmark_of = dict(GOOD_ROWS)
+  for image_id, example in {**train, **validation}.items():
+    assert example[schema.LANDMARK_ID] == landmark_of[image_id]
+    assert example[schema.LABEL] == landmark_of[image_id] - 100
+    source = np.asarray(Image.open(tmp_path / 'images' / f'{image_id}.jpg').convert('RGB'))
+    assert example['pixels'].shape == source.shape
+    assert (example[schema.HEIGHT], example[schema.WIDTH]) == source.shape[:2]
+    assert np.abs(example['pixels'].astype(float) - source).mean() < 2.0
+  # Shards: DELF naming, sizes near examples_per_shard, counts consistent with the manifest.
+  shards = manifest['splits']['train']['shards']
+  assert [s['file'] for s in shards] == [f'train-{i:05d}-of-{len(shards):05d}' for i in range(len(shards))]
+  assert sum(s['examples'] for s in shards) == len(train) and max(s['examples'] for s in shards) <= 7
+
+
+def test_resize_on_ingest_and_nested_delf_layout(tmp_path):
+  rows = [('abcdef01', 1), ('abcdef02', 1), ('bcdef003', 2)]
+  image_dir = write_dataset(tmp_path, rows, sizes={'abcdef01': (400, 100)})
+  nested = image_dir / 'a' / 'b' / 'c'
+  nested.mkdir(parents=True)
+  (image_dir / 'abcdef01.jpg').rename(nested / 'abcdef01.jpg')
+  output_dir = ingest.build_records(config_for(tmp_path, max_image_size=64,
+                                               validation_fraction=0))['config']['output_dir']
+  train = read_split(output_dir, 'train')
+  assert sorted(train) == ['abcdef01', 'abcdef02', 'bcdef003']
+  assert train['abcdef01']['pixels'].shape == (16, 64, 3)
+
+
+def test_test_split_and_singleton_duplicate_and_min_images(tmp_path):
+  rows = [('a1', 1), ('a2', 1), ('a3', 1), ('b1', 2), ('c1', 3), ('c2', 3)]
+  write_dataset(tmp_path, rows + [('q1', 0), ('q2', 0)])
+  with open(tmp_path / 'train.csv', 'w') as f:  # Queries are images only, not train rows.
+    f.write('id,url,landmark_id\n' + ''.join(f'{i},u,{l}\n' for i, l in rows))
+  (tmp_path / 'test.csv').write_text('id,url\nq1,u\nq2,u\nq3,u\n')
+  manifest = ingest.build_records(config_for(tmp_path, test_csv=str(tmp_path / 'test.csv'),
+                                             validation_fraction=0.34,
+                                             singletons=Singletons.DUPLICATE))
+  output_dir = manifest['config']['output_dir']
+  test = read_split(output_dir, 'test')
+  assert sorted(test) == ['q1', 'q2']  # q3 has no image file.
+  assert {int(e[schema.LABEL]) for e in test.values()} == {schema.NO_LABEL}
+  validation = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(output_dir, 'validation-*')))
+  validation_ids = [schema.parse_example(r)[schema.ID].numpy().decode() for r in validation]
+  assert 'b1' in validation_ids and 'b1' in read_split(output_dir, 'train')  # Distorted copy.
+  assert manifest['validation_duplicates'] == 1
+
+  dropped = ingest.build_records(config_for(tmp_path, output_dir=str(tmp_path / 'r2'),
+                                            min_images_per_class=2))
+  assert dropped['num_classes'] == 2 and dropped['dropped_classes'] == 1
+  assert dropped['skipped']['by_reason'] == {'class too small': 1}
+
+
+def test_existing_output_needs_resume_or_overwrite_and_resume_skips_finished_work(tmp_path,
+                                                                                   monkeypatch):
+  write_dataset(tmp_path, GOOD_ROWS)
+  config = config_for(tmp_path, keep_staging=True)
+  first = ingest.build_records(config)
+  with pytest.raises(ingest.BuildError, match='already holds a complete build'):
+    ingest.build_records(config)
+
+  # Interrupt after the fact: the manifest and one shard are gone, staging is complete.
+  output_dir = config.output_dir
+  os.remove(os.path.join(output_dir, 'manifest.json'))
+  lost = os.path.join(output_dir, first['splits']['train']['shards'][1]['file'])
+  kept = os.path.join(output_dir, first['splits']['train']['shards'][0]['file'])
+  lost_bytes = open(lost, 'rb').read()
+  os.remove(lost)
+  kept_mtime = os.stat(kept).st_mtime_ns
+  with pytest.raises(ingest.BuildError, match='unfinished build'):
+    ingest.build_records(config)
+
+  def no_image_work(*args, **kwargs):
+    raise AssertionError('a finished staging chunk was processed again')
+  monkeypatch.setattr(images, 'prepare_image_files', no_image_work)
+  config.resume = True
+  second = ingest.build_records(config)
+  assert open(lost, 'rb').read() == lost_bytes
+  assert os.stat(kept).st_mtime_ns == kept_mtime
+  assert second['splits'] == first['splits']
+  # A finished build is returned as it is by --resume.
+  assert ingest.build_records(config)['created'] == second['created']
+
+  changed = config_for(tmp_path, resume=True, validation_fraction=0.5)
+  with pytest.raises(ingest.BuildError, match='different inputs or settings.*validation_fraction'):
+    ingest.build_records(changed)
+  monkeypatch.undo()
+  changed.resume, changed.overwrite = False, True
+  assert ingest.build_records(changed)['config']['validation_fraction'] == 0.5
+
+
+def test_resume_finishes_an_interrupted_staging_phase(tmp_path, monkeypatch):
+  write_dataset(tmp_path, [(f'img{i:03d}', i % 4) for i in range(300)])
+  rows_per_call = []
+  real = images.prepare_image_files
+
+  def interrupted_on_second_chunk(candidate_path_lists, *args):
+    if len(rows_per_call) == 1:
+      raise KeyboardInterrupt  # The user pressed Ctrl-C.
+    rows_per_call.append(len(candidate_path_lists))
+    return real(candidate_path_lists, *args)
+  monkeypatch.setattr(images, 'prepare_image_files', interrupted_on_second_chunk)
+  with pytest.raises(KeyboardInterrupt):
+    ingest.build_records(config_for(tmp_path, examples_per_shard=100))
+  assert not os.path.exists(tmp_path / 'records' / 'manifest.json')
+  assert not tf.io.gfile.glob(str(tmp_path / 'records' / 'train-*'))
+  assert rows_per_call[0] < 300
+
+  monkeypatch.setattr(images, 'prepare_image_files',
+                      lambda paths, *args: rows_per_call.append(len(paths)) or real(paths, *args))
+  manifest = ingest.build_records(config_for(tmp_path, examples_per_shard=100, resume=True))
+  assert sum(rows_per_call) == 300  # The finished chunk was not redone.
+  total = manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples']
+  assert total == 300
+
+
+def test_shards_load_with_tensorflow_datasets(tmp_path):
+  import tensorflow_datasets as tfds
+  write_dataset(tmp_path, GOOD_ROWS)
+  manifest = ingest.build_records(config_for(tmp_path))
+  builder = tfds.builder_from_directory(manifest['config']['output_dir'])
+  assert builder.info.splits['train'].num_examples == manifest['splits']['train']['examples']
+  example = next(iter(builder.as_dataset(split='validation').take(1)))
+  assert example['image']['encoded'].shape[-1] == 3
+  assert example['image']['encoded'].dtype == tf.uint8
+  assert int(example['landmark_id']) in {100, 101, 102}
+
+
+@requires_real_data
+def test_real_photo_set_builds_with_expected_counts(tmp_path):
+  output_dir = str(tmp_path / 'real')
+  manifest = ingest.build_records(ingest.BuildConfig(
+      output_dir=output_dir, train_csv=str(REAL_DATA / 'train.csv'),
+      test_csv=str(REAL_DATA / 'test.csv'), image_dir=str(REAL_DATA / 'images'),
+      validation_fraction=0.1, max_image_size=0, num_workers=2, progress=False))
+  assert manifest['num_classes'] == 8
+  assert manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples'] == 58
+  assert manifest['splits']['test']['examples'] == 67
+  assert manifest['skipped']['total'] == 0
+  train = read_split(output_dir, 'train')
+  landmark_of = {row['id']: int(row['landmark_id'])
+                 for row in csv.DictReader(open(REAL_DATA / 'train.csv'))}
+  for image_id, example in list(train.items())[:10]:
+    assert example[schema.LANDMARK_ID] == landmark_of[image_id]
+    source = np.asarray(Image.open(REAL_DATA / 'images' / f'{image_id}.jpg').convert('RGB'))
+    # JPEGs that need no change pass through byte for byte.
+    assert example[schema.ENCODED] == (REAL_DATA / 'images' / f'{image_id}.jpg').read_bytes()
+    assert np.abs(example['pixels'].astype(float) - source).mean() < 2.5  # Decoders differ slightly.
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'tf_landmarks.cli.build_records', *args,
+                         '--noprogress'], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize('csv_text,message', [
+    ('id,url\nabc,u\n', 'missing column(s) landmark_id'),
+    ('', 'the file is empty'),
+    ('id,url,landmark_id\nabc,u,notanumber\n', 'no usable rows'),
+])
+def test_cli_reports_bad_csv_without_traceback(tmp_path, csv_text, message):
+  (tmp_path / 'train.csv').write_text(csv_text)
+  (tmp_path / 'images').mkdir()
+  result = _run_cli(f'--train_csv={tmp_path / "train.csv"}', f'--image_dir={tmp_path / "images"}',
+                    f'--output_dir={tmp_path / "out"}')
+  assert result.returncode == 2
+  assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_cli_reports_wrong_image_dir_and_builds_when_right(tmp_path):
+  write_dataset(tmp_path, GOOD_ROWS)
+  (tmp_path / 'empty').mkdir()
+  common = [f'--train_csv={tmp_path / "train.csv"}', f'--output_dir={tmp_path / "out"}',
+            '--examples_per_shard=5']
+  wrong = _run_cli(*common, f'--image_dir={tmp_path / "empty"}')
+  assert wrong.returncode == 2 and 'none of 18 sampled images was found' in wrong.stderr
+  assert 'Traceback' not in wrong.stderr
+  right = _run_cli(*common, f'--image_dir={tmp_path / "images"}', '--overwrite')
+  assert right.returncode == 0, right.stderr
+  assert '3 classes' in right.stdout
+  assert json.load(open(tmp_path / 'out' / 'manifest.json'))['num_classes'] == 3

@@ -1,0 +1,549 @@
+"""Google Landmarks CSVs + images → sharded TFRecords, label map, manifest and TFDS metadata.
+
+The build runs in two phases so that the split sees only images that could actually be read:
+
+1. *Staging.* Every row (train and test, in a seeded shuffled order so that shards mix classes even
+   when a CSV is sorted by landmark) is read, oriented, converted to RGB, resized and JPEG-encoded by a
+   pool of worker processes. Each chunk of rows becomes a staging file of JPEG records plus a JSON list
+   of per-row results; a chunk is complete once its JSON exists, which is what `--resume` relies on.
+2. *Sharding.* The stratified split runs on the readable train rows, then one sequential pass over the
+   staging files writes `train-/validation-/test-NNNNN-of-NNNNN` shards, each under a temporary name
+   renamed when complete.
+
+`manifest.json` is written last: a folder without it is an unfinished build.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import posixpath
+import random
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import tensorflow as tf
+import tqdm
+
+from tf_landmarks import csv_io
+from tf_landmarks import images
+from tf_landmarks import schema
+from tf_landmarks import splits
+
+SPLIT_NAMES = ('train', 'validation', 'test')
+MANIFEST = 'manifest.json'
+LABEL_MAP = 'label_map.csv'
+STAGING = '.staging'
+_FINGERPRINT = 'fingerprint.json'
+# Rows per staging chunk: large enough to amortise a file per chunk, small enough that a few thousand
+# rows still spread over all workers. Depends on the row count only, so that --resume finds the same
+# chunks whatever --num_workers is.
+_MIN_CHUNK_SIZE, _MAX_CHUNK_SIZE = 16, 256
+_MIN_CHUNKS = 64
+_TFDS_FILES = ('dataset_info.json', 'features.json')
+
+
+class BuildError(RuntimeError):
+  """The build cannot go on; the message tells the user what to change."""
+
+
+@dataclasses.dataclass
+class BuildConfig:
+  """Everything `build_records` needs; the CLI fills it from flags.
+
+  Attributes:
+    output_dir: folder for shards, label map, manifest and TFDS metadata.
+    train_csv: `id,url,landmark_id` CSV, optional if `train_clean_csv` is given.
+    test_csv: optional `id,url` CSV of unlabelled query images.
+    train_clean_csv: optional GLDv2 `landmark_id,images` CSV restricting train to its clean subset.
+    image_dir: folder with `<id>.jpg` or DELF's nested `a/b/c/<id>.jpg`; unused with `download`.
+    download: fetch the url column into `download_dir` instead of reading `image_dir`.
+    download_dir: download cache; defaults to `<output_dir>/downloads`.
+    download_threads: concurrent downloads.
+    download_timeout_s: per-request time limit.
+    download_max_bytes: largest accepted image file.
+    validation_fraction: share of each class's images sent to validation.
+    seed: seeds the split and the row order.
+    singletons: policy for single-image classes.
+    min_images_per_class: smaller classes are dropped.
+    max_image_size: long side after resizing (0 keeps the size).
+    jpeg_quality: quality of re-encoded JPEGs.
+    min_image_side: images with a shorter side below this are skipped.
+    examples_per_shard: target shard size.
+    num_workers: image-processing processes (1 runs in this process).
+    resume: continue an unfinished build in `output_dir`.
+    overwrite: replace a build already in `output_dir`.
+    keep_staging: keep the staging files after a successful build.
+    progress: show progress bars.
+  """
+  output_dir: str = 'records'
+  train_csv: Optional[str] = None
+  test_csv: Optional[str] = None
+  train_clean_csv: Optional[str] = None
+  image_dir: Optional[str] = None
+  download: bool = False
+  download_dir: Optional[str] = None
+  download_threads: int = 16
+  download_timeout_s: float = 30.0
+  download_max_bytes: int = 50 * 2**20
+  validation_fraction: float = 0.1
+  seed: int = 0
+  singletons: splits.Singletons = splits.Singletons.TRAIN
+  min_images_per_class: int = 1
+  max_image_size: int = 640
+  jpeg_quality: int = 90
+  min_image_side: int = images.MIN_IMAGE_SIDE
+  examples_per_shard: int = 1024
+  num_workers: int = 2
+  resume: bool = False
+  overwrite: bool = False
+  keep_staging: bool = False
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """A row to stage: `landmark_id` None marks a test row."""
+  image_id: str
+  landmark_id: Optional[int]
+
+
+def _join(*parts: str) -> str:
+  # os.path.join would use '\\' on Windows, which gs:// paths must not get.
+  return posixpath.join(*parts) if '://' in parts[0] else os.path.join(*parts)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  """DELF's shard naming: `train-00003-of-00128`."""
+  return f'{split}-{index:05d}-of-{num_shards:05d}'
+
+
+def image_paths(image_dir: str, image_id: str) -> List[str]:
+  """Where an image may be: `<dir>/<id>.jpg`, or DELF's nested `<dir>/a/b/c/<id>.jpg`."""
+  flat = _join(image_dir, f'{image_id}.jpg')
+  if len(image_id) < 3:
+    return [flat]
+  return [flat, _join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
+
+
+def _write_atomically(path: str, text: str) -> None:
+  temporary = f'{path}.tmp-{os.getpid()}'
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    f.write(text)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def _own_files(output_dir: str) -> List[str]:
+  """Files in `output_dir` that a build writes (and `--overwrite` may delete)."""
+  names = [MANIFEST, LABEL_MAP, *_TFDS_FILES]
+  found = [_join(output_dir, name) for name in names if tf.io.gfile.exists(_join(output_dir, name))]
+  for split in SPLIT_NAMES:
+    found += tf.io.gfile.glob(_join(output_dir, f'{split}-*-of-*'))
+  return found
+
+
+def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
+  """Checks what `output_dir` holds against --resume/--overwrite.
+
+  Returns:
+    True if the folder already holds this complete build (nothing to do).
+  """
+  output_dir = config.output_dir
+  staging = _join(output_dir, STAGING)
+  existing = _own_files(output_dir) + ([staging] if tf.io.gfile.exists(staging) else [])
+  complete = tf.io.gfile.exists(_join(output_dir, MANIFEST))
+  if existing and config.overwrite:
+    for path in existing:
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+    existing, complete = [], False
+  if existing and not config.resume:
+    state = 'a complete build' if complete else 'an unfinished build'
+    raise BuildError(f'{output_dir} already holds {state}; pass --resume to continue or reuse it, '
+                     'or --overwrite to replace it.')
+  fingerprint_path = _join(staging, _FINGERPRINT)
+  if complete:
+    with tf.io.gfile.GFile(_join(output_dir, MANIFEST)) as f:
+      previous = json.load(f).get('fingerprint')
+  elif tf.io.gfile.exists(fingerprint_path):
+    with tf.io.gfile.GFile(fingerprint_path) as f:
+      previous = json.load(f)
+  else:
+    previous = None
+  if existing and previous is not None and previous != fingerprint:
+    changed = sorted(k for k in fingerprint if fingerprint.get(k) != previous.get(k))
+    raise BuildError(f'{output_dir} holds a build made from different inputs or settings '
+                     f'({", ".join(changed)}); use --overwrite to rebuild it.')
+  if complete:
+    return True
+  tf.io.gfile.makedirs(staging)
+  _write_atomically(fingerprint_path, json.dumps(fingerprint, indent=1, sort_keys=True))
+  return False
+
+
+def _fingerprint(config: BuildConfig, sources: Dict[str, dict]) -> dict:
+  """What must be equal for `--resume` to continue a build: inputs and every setting that shapes it."""
+  settings = dataclasses.asdict(config)
+  for volatile in ('resume', 'overwrite', 'keep_staging', 'progress', 'num_workers',
+                   'download_threads', 'download_timeout_s'):
+    settings.pop(volatile)
+  settings['singletons'] = config.singletons.value
+  return {'sources': {name: info['sha256'] for name, info in sources.items()}, **settings}
+
+
+def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
+  """Reads and cross-checks the CSVs; returns (train rows, test rows, url of each id, sources)."""
+  train, test, sources = [], [], {}
+  if config.train_csv:
+    train, bad = csv_io.read_train_csv(config.train_csv)
+    skipped += bad
+    sources['train_csv'] = config.train_csv
+  if config.train_clean_csv:
+    clean, bad = csv_io.read_train_clean_csv(config.train_clean_csv)
+    skipped += bad
+    sources['train_clean_csv'] = config.train_clean_csv
+    if config.train_csv:
+      train, bad = csv_io.apply_clean_subset(train, clean, config.train_csv)
+      skipped += bad
+    else:
+      train = [csv_io.ImageRow(image_id, '', landmark_id) for image_id, landmark_id in clean.items()]
+  if config.test_csv:
+    rows, bad = csv_io.read_test_csv(config.test_csv)
+    skipped += bad
+    sources['test_csv'] = config.test_csv
+    train_ids = {row.image_id for row in train}
+    for row in rows:
+      if row.image_id in train_ids:
+        skipped.append(csv_io.SkippedRow(config.test_csv, 0, row.image_id, 'id also in the train CSV'))
+      else:
+        test.append(row)
+  source_info = {name: {'path': path, 'sha256': csv_io.file_sha256(path)}
+                 for name, path in sources.items()}
+  return train, test, source_info
+
+
+def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
+              skipped: List[csv_io.SkippedRow]) -> str:
+  """Fetches the url column into the cache; failed rows become skipped rows. Returns the cache dir."""
+  from tf_landmarks import download  # pylint: disable=g-import-not-at-top  # Only with --download.
+  cache_dir = config.download_dir or _join(config.output_dir, 'downloads')
+  without_url = [row for row in rows if not row.url]
+  if len(without_url) == len(rows):
+    raise BuildError('--download needs a url column with URLs; none of the rows has one. '
+                     'Use --image_dir for images already on disk.')
+  report = download.download_images(
+      [(row.image_id, row.url) for row in rows if row.url], cache_dir,
+      num_threads=config.download_threads, timeout_s=config.download_timeout_s,
+      max_bytes=config.download_max_bytes, progress=config.progress)
+  skipped += [csv_io.SkippedRow('download', 0, failure.image_id, f'download failed: {failure.reason}')
+              for failure in report.failures]
+  skipped += [csv_io.SkippedRow('download', 0, row.image_id, 'no url to download')
+              for row in without_url]
+  if report.failures:
+    download.write_failure_report(report, _join(cache_dir, 'failures.csv'))
+  if report.downloaded + report.cached == 0:
+    raise BuildError(f'no image could be downloaded ({_skipped_summary(skipped)}); the reasons per '
+                     f'row are in {_join(cache_dir, "failures.csv")}')
+  return cache_dir
+
+
+def _check_some_images_exist(image_dir: str, rows: Sequence[_Row]) -> None:
+  """Fails fast, before hours of work, when --image_dir is plainly wrong."""
+  sample = random.Random(0).sample(list(rows), min(len(rows), 50))
+  if not any(tf.io.gfile.exists(path) for row in sample for path in image_paths(image_dir, row.image_id)):
+    example = image_paths(image_dir, sample[0].image_id)
+    raise BuildError(f'none of {len(sample)} sampled images was found under --image_dir={image_dir} '
+                     f'(looked for e.g. {" and ".join(example)}).')
+
+
+def _chunk_size(num_rows: int) -> int:
+  return max(_MIN_CHUNK_SIZE, min(_MAX_CHUNK_SIZE, math.ceil(num_rows / _MIN_CHUNKS)))
+
+
+def _chunk_paths(staging: str, chunk: int) -> tuple[str, str]:
+  stem = _join(staging, f'chunk-{chunk:06d}')
+  return f'{stem}.tfrecord', f'{stem}.json'
+
+
+def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
+  """Phase 1: prepares every row's image into staging chunks, skipping chunks already complete."""
+  staging = _join(config.output_dir, STAGING)
+  size = _chunk_size(len(rows))
+  chunks = [rows[start:start + size] for start in range(0, len(rows), size)]
+  pending = [i for i in range(len(chunks)) if not tf.io.gfile.exists(_chunk_paths(staging, i)[1])]
+  done_rows = len(rows) - sum(len(chunks[i]) for i in pending)
+  bar = tqdm.tqdm(total=len(rows), initial=done_rows, unit='img', desc='images',
+                  disable=not config.progress, smoothing=0.1)
+
+  def save(chunk_index: int, results: Sequence) -> None:
+    records_path, results_path = _chunk_paths(staging, chunk_index)
+    entries = []
+    with tf.io.TFRecordWriter(records_path + '.tmp') as writer:
+      for row, result in zip(chunks[chunk_index], results):
+        if isinstance(result, images.PreparedImage):
+          writer.write(result.jpeg)
+          entries.append([row.image_id, '', result.height, result.width])
+        else:
+          entries.append([row.image_id, result, 0, 0])
+    tf.io.gfile.rename(records_path + '.tmp', records_path, overwrite=True)
+    _write_atomically(results_path, json.dumps(entries))
+    bar.update(len(results))
+
+  def job(chunk_index: int):
+    return ([image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
+            config.max_image_size, config.jpeg_quality, config.min_image_side)
+
+  if config.num_workers <= 1:
+    for chunk_index in pending:
+      save(chunk_index, images.prepare_image_files(*job(chunk_index)))
+  else:
+    # Workers run only Pillow code (tf_landmarks.images). Forking is then safe and starts them in
+    # milliseconds; 'spawn' would re-import the entry point, and with it TensorFlow, in every worker
+    # (seconds each). Remote folders are read through TensorFlow's filesystems, whose threads must
+    # not be forked, so those get 'spawn'.
+    start_method = 'spawn' if '://' in image_dir or os.name != 'posix' else 'fork'
+    context = multiprocessing.get_context(start_method)
+    with concurrent.futures.ProcessPoolExecutor(config.num_workers, mp_context=context) as pool:
+      in_flight = {}
+      queue = iter(pending)
+      for chunk_index in queue:
+        in_flight[pool.submit(images.prepare_image_files, *job(chunk_index))] = chunk_index
+        # Bounded look-ahead keeps memory flat however many rows there are.
+        if len(in_flight) >= 3 * config.num_workers:
+          break
+      while in_flight:
+        finished, _ = concurrent.futures.wait(in_flight, return_when='FIRST_COMPLETED')
+        for future in finished:
+          save(in_flight.pop(future), future.result())
+          next_chunk = next(queue, None)
+          if next_chunk is not None:
+            in_flight[pool.submit(images.prepare_image_files, *job(next_chunk))] = next_chunk
+  bar.close()
+
+
+def _read_staged_results(staging: str, num_chunks: int) -> List[list]:
+  results = []
+  for chunk in range(num_chunks):
+    with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[1]) as f:
+      results.extend(json.load(f))
+  return results
+
+
+class _ShardWriter:
+  """Writes one split's examples into `num_shards` consecutive shards of near-equal size."""
+
+  def __init__(self, output_dir: str, split: str, total: int, examples_per_shard: int,
+               resume: bool):
+    self.split = split
+    self.total = total
+    self.num_shards = max(1, math.ceil(total / examples_per_shard)) if total else 0
+    self._output_dir = output_dir
+    self._resume = resume
+    self._written = 0
+    self._shard = -1
+    self._writer = None
+    self._shard_count = 0
+    self.shards: List[dict] = []
+
+  def _path(self, shard: int) -> str:
+    return _join(self._output_dir, shard_name(self.split, shard, self.num_shards))
+
+  def write(self, serialized: bytes) -> None:
+    shard = self._written * self.num_shards // self.total
+    if shard != self._shard:
+      self._finish_shard()
+      self._shard = shard
+      path = self._path(shard)
+      # A finished shard from an interrupted run holds exactly these examples (the assignment is
+      # deterministic), so --resume leaves it as it is.
+      self._writer = None if self._resume and tf.io.gfile.exists(path) else \
+          tf.io.TFRecordWriter(f'{path}.tmp')
+    if self._writer is not None:
+      self._writer.write(serialized)
+    self._shard_count += 1
+    self._written += 1
+
+  def _finish_shard(self) -> None:
+    if self._shard < 0:
+      return
+    path = self._path(self._shard)
+    if self._writer is not None:
+      self._writer.close()
+      tf.io.gfile.rename(f'{path}.tmp', path, overwrite=True)
+    self.shards.append({'file': posixpath.basename(path), 'examples': self._shard_count,
+                        'bytes': tf.io.gfile.stat(path).length})
+    self._shard_count = 0
+    self._writer = None
+
+  def close(self) -> None:
+    self._finish_shard()
+    if self._written != self.total:
+      raise AssertionError(f'{self.split}: wrote {self._written} examples, expected {self.total}')
+
+
+def _write_shards(config: BuildConfig, staged: List[list], num_chunks: int,
+                  rows: Sequence[_Row], split: splits.Split, train_positions: List[int]
+                  ) -> Dict[str, _ShardWriter]:
+  """Phase 2: routes staged images into split shards in one sequential pass."""
+  destination = {}  # position in `rows` → split name
+  position_of_train_index = dict(enumerate(train_positions))
+  for index in split.train:
+    destination[position_of_train_index[index]] = 'train'
+  for index in split.validation:
+    destination[position_of_train_index[index]] = 'validation'
+  duplicated = {position_of_train_index[index] for index in split.duplicated}
+  for position, row in enumerate(rows):
+    if row.landmark_id is None and not staged[position][1]:
+      destination[position] = 'test'
+  totals = collections.Counter(destination.values())
+  totals['validation'] += len(duplicated)
+  writers = {name: _ShardWriter(config.output_dir, name, totals[name], config.examples_per_shard,
+                                config.resume) for name in SPLIT_NAMES}
+
+  staging = _join(config.output_dir, STAGING)
+  bar = tqdm.tqdm(total=sum(totals.values()), unit='ex', desc='shards', disable=not config.progress)
+  # Staging files hold the readable rows' JPEGs in row order, so one sequential reader lines up with
+  # the per-row results. Batches, because each step of an eager iterator costs ~0.3 ms.
+  batches = tf.data.TFRecordDataset([_chunk_paths(staging, chunk)[0] for chunk in range(num_chunks)],
+                                    buffer_size=1 << 22).batch(256).as_numpy_iterator()
+  records = (record for batch in batches for record in batch)
+  for position, (image_id, reason, height, width) in enumerate(staged):
+    jpeg = None if reason else next(records)
+    name = destination.get(position)
+    if name is not None:
+      row = rows[position]
+      label = split.label_of_landmark[row.landmark_id] if name != 'test' else schema.NO_LABEL
+      landmark_id = row.landmark_id if name != 'test' else schema.NO_LABEL
+      writers[name].write(schema.make_example(image_id, jpeg, height, width, label,
+                                              landmark_id).SerializeToString())
+      if position in duplicated:
+        copy = images.distorted_copy(jpeg, seed=config.seed + position,
+                                     jpeg_quality=config.jpeg_quality)
+        writers['validation'].write(schema.make_example(
+            image_id, copy.jpeg, copy.height, copy.width, label, landmark_id).SerializeToString())
+        bar.update()
+      bar.update()
+  bar.close()
+  for writer in writers.values():
+    writer.close()
+  return writers
+
+
+def _write_label_map(output_dir: str, split: splits.Split, train_rows: Sequence[_Row]) -> None:
+  counts = collections.Counter(train_rows[index].landmark_id for index in split.train)
+  lines = ['label,landmark_id,num_images']
+  for landmark_id, label in sorted(split.label_of_landmark.items(), key=lambda item: item[1]):
+    lines.append(f'{label},{landmark_id},{counts[landmark_id]}')
+  _write_atomically(_join(output_dir, LABEL_MAP), '\n'.join(lines) + '\n')
+
+
+def _write_tfds_metadata(output_dir: str, writers: Dict[str, _ShardWriter], num_classes: int) -> None:
+  """Adds dataset_info.json and features.json so `tfds.builder_from_directory` loads the shards."""
+  import tensorflow_datasets as tfds  # Slow to import; only needed here.
+  template = tfds.core.ShardedFileTemplate(data_dir=output_dir, template='{SPLIT}-{SHARD_X_OF_Y}',
+                                           dataset_name='landmarks', filetype_suffix='tfrecord')
+  split_infos = [
+      tfds.core.SplitInfo(name=name, shard_lengths=[s['examples'] for s in writer.shards],
+                          num_bytes=sum(s['bytes'] for s in writer.shards),
+                          filename_template=template)
+      for name, writer in writers.items() if writer.total]
+  tfds.folder_dataset.write_metadata(
+      data_dir=output_dir, features=schema.tfds_features(), split_infos=split_infos,
+      filename_template=template, check_data=False,
+      description=f'Landmark images with {num_classes} classes, built by tf-landmarks.')
+
+
+def _skipped_summary(skipped: Iterable[csv_io.SkippedRow]) -> Dict[str, int]:
+  # Group 'corrupt or truncated image (OSError: …)' under 'corrupt or truncated image'.
+  return dict(collections.Counter(row.reason.split(' (')[0] for row in skipped).most_common())
+
+
+def build_records(config: BuildConfig) -> dict:
+  """Builds the shards described by `config`; see the module docstring.
+
+  Returns:
+    The manifest (also written to `<output_dir>/manifest.json`).
+
+  Raises:
+    BuildError: for unusable inputs or an output folder in the way, with a message for the user.
+    csv_io.CsvError: for unusable CSV files.
+  """
+  if not (config.train_csv or config.train_clean_csv):
+    raise BuildError('give --train_csv or --train_clean_csv')
+  if not (config.download or config.image_dir):
+    raise BuildError('give --image_dir with the images, or --download to fetch the url column')
+  if config.image_dir and not config.download and not tf.io.gfile.isdir(config.image_dir):
+    raise BuildError(f'--image_dir={config.image_dir} is not a folder')
+  if not 1 <= config.jpeg_quality <= 100:
+    raise BuildError(f'--jpeg_quality must be in 1..100, got {config.jpeg_quality}')
+  if config.examples_per_shard < 1:
+    raise BuildError(f'--examples_per_shard must be >= 1, got {config.examples_per_shard}')
+  if config.max_image_size and config.max_image_size < config.min_image_side:
+    raise BuildError(f'--max_image_size={config.max_image_size} is below the smallest accepted '
+                     f'image side ({config.min_image_side} px)')
+
+  skipped: List[csv_io.SkippedRow] = []
+  train_rows, test_rows, sources = _read_rows(config, skipped)
+  fingerprint = _fingerprint(config, sources)
+  tf.io.gfile.makedirs(config.output_dir)
+  if _prepare_output_dir(config, fingerprint):
+    with tf.io.gfile.GFile(_join(config.output_dir, MANIFEST)) as f:
+      return json.load(f)
+
+  image_dir = _download(config, train_rows + test_rows, skipped) if config.download \
+      else config.image_dir
+  rows = [_Row(row.image_id, row.landmark_id) for row in train_rows] + \
+         [_Row(row.image_id, None) for row in test_rows]
+  # A seeded shuffle: shards get a mix of classes even from a CSV sorted by landmark.
+  random.Random(config.seed).shuffle(rows)
+  _check_some_images_exist(image_dir, rows)
+  _stage(config, image_dir, rows)
+
+  staging = _join(config.output_dir, STAGING)
+  num_chunks = math.ceil(len(rows) / _chunk_size(len(rows)))
+  staged = _read_staged_results(staging, num_chunks)
+  skipped += [csv_io.SkippedRow('image', 0, image_id, reason)
+              for image_id, reason, _, _ in staged if reason]
+  train_positions = [p for p, row in enumerate(rows) if row.landmark_id is not None and not staged[p][1]]
+  if not train_positions:
+    raise BuildError(f'none of the {len(train_rows)} train images could be used: '
+                     f'{_skipped_summary(skipped)}')
+  train_view = [rows[p] for p in train_positions]
+  split = splits.stratified_split([row.landmark_id for row in train_view],
+                                  config.validation_fraction, config.seed, config.singletons,
+                                  config.min_images_per_class)
+  if not split.label_of_landmark:
+    raise BuildError(f'no class is left: every class has fewer than --min_images_per_class='
+                     f'{config.min_images_per_class} readable images')
+  skipped += [csv_io.SkippedRow('split', 0, train_view[index].image_id, reason)
+              for index, reason in sorted(split.dropped.items())]
+
+  writers = _write_shards(config, staged, num_chunks, rows, split, train_positions)
+  _write_label_map(config.output_dir, split, train_view)
+  _write_tfds_metadata(config.output_dir, writers, len(split.label_of_landmark))
+
+  all_classes = {row.landmark_id for row in train_view}
+  manifest = {
+      'format': 'tf-landmarks records v1',
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'config': {**dataclasses.asdict(config), 'singletons': config.singletons.value},
+      'fingerprint': fingerprint,
+      'sources': sources,
+      'image_dir': image_dir,
+      'num_classes': len(split.label_of_landmark),
+      'dropped_classes': len(all_classes) - len(split.label_of_landmark),
+      'validation_duplicates': len(split.duplicated),
+      'splits': {name: {'examples': writer.total, 'shards': writer.shards}
+                 for name, writer in writers.items()},
+      'skipped': {'total': len(skipped), 'by_reason': _skipped_summary(skipped),
+                  'rows': [dataclasses.asdict(row) for row in skipped]},
+  }
+  _write_atomically(_join(config.output_dir, MANIFEST), json.dumps(manifest, indent=1))
+  if not config.keep_staging:
+    tf.io.gfile.rmtree(staging)
+  return manifest
