@@ -29,6 +29,7 @@ import tensorflow as tf
 import tqdm
 
 from tf_landmarks import csv_io
+from tf_landmarks import download
 from tf_landmarks import images
 from tf_landmarks import schema
 from tf_landmarks import splits
@@ -228,9 +229,12 @@ def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
 
 
 def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
-              skipped: List[csv_io.SkippedRow]) -> str:
-  """Fetches the url column into the cache; failed rows become skipped rows. Returns the cache dir."""
-  from tf_landmarks import download  # pylint: disable=g-import-not-at-top  # Only with --download.
+              skipped: List[csv_io.SkippedRow]) -> tuple[str, set]:
+  """Fetches the url column into the cache; failed rows become skipped rows.
+
+  Returns:
+    The cache folder, and the ids that have no image in it.
+  """
   cache_dir = config.download_dir or _join(config.output_dir, 'downloads')
   without_url = [row for row in rows if not row.url]
   if len(without_url) == len(rows):
@@ -249,7 +253,7 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
   if report.downloaded + report.cached == 0:
     raise BuildError(f'no image could be downloaded ({_skipped_summary(skipped)}); the reasons per '
                      f'row are in {_join(cache_dir, "failures.csv")}')
-  return cache_dir
+  return cache_dir, {f.image_id for f in report.failures} | {row.image_id for row in without_url}
 
 
 def _check_some_images_exist(image_dir: str, rows: Sequence[_Row]) -> None:
@@ -495,8 +499,11 @@ def build_records(config: BuildConfig) -> dict:
     with tf.io.gfile.GFile(_join(config.output_dir, MANIFEST)) as f:
       return json.load(f)
 
-  image_dir = _download(config, train_rows + test_rows, skipped) if config.download \
-      else config.image_dir
+  image_dir = config.image_dir
+  if config.download:
+    image_dir, unavailable = _download(config, train_rows + test_rows, skipped)
+    train_rows = [row for row in train_rows if row.image_id not in unavailable]
+    test_rows = [row for row in test_rows if row.image_id not in unavailable]
   rows = [_Row(row.image_id, row.landmark_id) for row in train_rows] + \
          [_Row(row.image_id, None) for row in test_rows]
   # A seeded shuffle: shards get a mix of classes even from a CSV sorted by landmark.
