@@ -71,6 +71,17 @@ def test_eval_pixels_are_resnet_preprocessed_class_colours(shards):
     assert np.abs(image - expected).max() < 6  # JPEG tolerance.
 
 
+def test_backbone_none_gives_uint8_that_the_model_preprocesses_identically(shards):
+  # The accelerator setting: uint8 batches, preprocessing in the model, same numbers in the end.
+  root, _ = shards
+  for training in (False, True):
+    settings = dict(training=training, batch_size=8, image_size=24, seed=3, deterministic=True)
+    raw, _ = next(iter(data.make_dataset(str(root / 'train-*'), backbone=None, **settings)))
+    ready, _ = next(iter(data.make_dataset(str(root / 'train-*'), backbone='vgg16', **settings)))
+    assert raw.dtype == tf.uint8 and ready.dtype == tf.float32
+    np.testing.assert_allclose(data.preprocess(raw, 'vgg16').numpy(), ready.numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize('backbone,reference', [
     ('resnet50', keras.applications.resnet50.preprocess_input),
     ('vgg16', keras.applications.vgg16.preprocess_input),

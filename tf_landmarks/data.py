@@ -1,23 +1,31 @@
 """The tf.data input pipeline: shards → decoded, augmented, preprocessed batches.
 
 Training pipeline, in order (each step where it is cheapest):
-  shuffled shard list → (per-worker shard) → parallel interleaved reading → parse → class balancing
-  (needs only the label) → shuffle → repeat → decode + crop (`decode_and_crop_jpeg` decodes only the
-  crop) + flip → batch → batch-level Keras layers (shift/rotate, RandAugment, MixUp) → backbone
-  preprocessing → prefetch.
+  shuffled shard list → (per-worker shard) → parallel interleaved reading → class balancing (parses
+  only the label) → shuffle and repeat (serialized records) → one map: parse + decode + crop
+  (`decode_and_crop_jpeg` decodes only the crop) + resize + flip → batch → batch-level Keras layers
+  (shift/rotate, RandAugment, MixUp) → backbone preprocessing → prefetch.
+Every per-example step lives in that one map because each extra parallel map hands every element
+to another thread, which cost ~10% of the throughput on 256-px images (bench/bench_input_pipeline.py).
+
+Images stay uint8 until the batch: a float32 224-px image is 600 KB, and on these 2 cores merely casting
+a batch to float costs ~0.4 ms per image, as much as decoding it (BUILD_NOTES.md). With `backbone=None`
+the pipeline stops at uint8 and the model applies `preprocess` itself, on the accelerator, which also
+makes the host → device copy 4× smaller: the setting for GPU and TPU training.
 
 Evaluation reads the shards in file order, decodes, resizes the short side to `image_size / 0.875` and
 takes the central `image_size` square (the usual ImageNet evaluation crop), with no randomness, so each
 example comes out exactly once and in a fixed order.
 
-Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the backbone, labels int32
-[B]; with MixUp labels are float32 one-hot mixtures [B, num_classes]. With `with_ids=True` batches are
+Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the backbone (uint8 in
+[0, 255] with `backbone=None`), labels int32 [B]; with MixUp labels are float32 one-hot mixtures [B, num_classes]. With `with_ids=True` batches are
 `(images, labels, ids)`, ids a string [B] tensor.
 """
 
 import csv
 import enum
 import os
+import random
 from typing import Optional, Sequence
 
 import keras
@@ -42,10 +50,11 @@ class Augmentation(str, enum.Enum):
 
 
 def preprocess(images: tf.Tensor, backbone: str) -> tf.Tensor:
-  """Maps RGB images in [0, 255] to what `backbone` was trained on (see CAFFE_BACKBONES)."""
+  """Maps RGB images in [0, 255] (any dtype) to float32 as `backbone` was trained (CAFFE_BACKBONES)."""
   images = tf.cast(images, tf.float32)
   if backbone in CAFFE_BACKBONES:
-    return images[..., ::-1] - tf.constant(_CAFFE_BGR_MEANS, tf.float32)
+    # tf.reverse, not images[..., ::-1]: the negative-stride slice is 3× slower on CPU (measured).
+    return tf.reverse(images, axis=[-1]) - tf.constant(_CAFFE_BGR_MEANS, tf.float32)
   return images / 127.5 - 1.0
 
 
@@ -68,24 +77,23 @@ def balancing_weights(class_counts: Sequence[int], power: float) -> np.ndarray:
   return (counts ** (power - 1.0) * counts.sum() / (counts ** power).sum()).astype(np.float32)
 
 
-def _balance(dataset: tf.data.Dataset, weights: np.ndarray, seed: Optional[int]) -> tf.data.Dataset:
-  """Repeats or drops each example: floor(w) copies plus one more with probability frac(w).
+def _balance(records: tf.data.Dataset, weights: np.ndarray, run_seed: int) -> tf.data.Dataset:
+  """Repeats or drops each serialized example: floor(w) copies plus one with probability frac(w).
 
   O(1) per example whatever the number of classes (one dataset per class, as `sample_from_datasets`
   needs, does not scale to 200k classes), and it runs before decoding, so dropped examples cost nothing.
+  One map per example, its random draw seeded by (run_seed, index), like the augmentation.
   """
   weights = tf.constant(weights)
-  uniforms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
-      lambda r: tf.cast(r % (1 << 24), tf.float32) / float(1 << 24))
 
-  def copies(example, uniform):
-    weight = tf.gather(weights, example[schema.LABEL])
+  def copies(index, record):
+    weight = tf.gather(weights, schema.parse_label(record))
+    uniform = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(run_seed, tf.int64), index]))
     count = tf.cast(tf.floor(weight), tf.int32) + tf.cast(uniform < weight - tf.floor(weight), tf.int32)
     # A batch of `count` copies, flattened by unbatch(): no per-example Dataset objects (flat_map).
-    return {key: tf.repeat(value[tf.newaxis], count, axis=0) for key, value in example.items()}
+    return tf.repeat(record[tf.newaxis], count, axis=0)
 
-  return tf.data.Dataset.zip((dataset, uniforms)).map(
-      copies, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  return records.enumerate().map(copies, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -93,7 +101,7 @@ def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = image_size / _EVAL_CROP_FRACTION / tf.reduce_min(shape)
   resized = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
-  return tf.image.resize_with_crop_or_pad(resized, image_size, image_size)
+  return tf.saturate_cast(tf.image.resize_with_crop_or_pad(resized, image_size, image_size), tf.uint8)
 
 
 def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
@@ -114,7 +122,10 @@ def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
     image = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
     image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=seed)
   else:
-    image = _eval_image(encoded, image_size)
+    return tf.image.stateless_random_flip_left_right(_eval_image(encoded, image_size), seed=seed + 1)
+  # Back to uint8 so that batches carry a quarter of the bytes. Bilinear weights are convex, so the
+  # values stay in [0, 255]: +0.5 and truncation round without the extra passes of round/saturate.
+  image = tf.cast(image + 0.5, tf.uint8)
   return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
 
 
@@ -142,7 +153,7 @@ def _read_records(file_pattern: str, training: bool, seed: Optional[int],
 
 
 def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size: int = 224,
-                 backbone: str = 'resnet50',
+                 backbone: Optional[str] = 'resnet50',
                  augmentation: Augmentation = Augmentation.INCEPTION_CROP,
                  shift_rotate: bool = False, randaugment: bool = False,
                  mixup_alpha: float = 0.0, num_classes: Optional[int] = None,
@@ -157,7 +168,8 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
     training: shuffle, repeat forever, balance classes and augment; otherwise one ordered pass.
     batch_size: global batch size; with `input_context` each replica gets its share.
     image_size: side of the square output images.
-    backbone: selects the preprocessing (`preprocess`).
+    backbone: selects the preprocessing (`preprocess`); None leaves images uint8 in [0, 255] for the
+      model to preprocess on the accelerator (see the module docstring).
     augmentation: the training crop.
     shift_rotate: also apply Keras RandomTranslation(±10%) and RandomRotation(±18°) on batches.
     randaugment: also apply Keras RandAugment (2 ops, factor 0.5) on batches.
@@ -189,24 +201,34 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
   if input_context:
     batch_size = input_context.get_per_replica_batch_size(batch_size)
 
-  dataset = _read_records(file_pattern, training, seed, input_context)
-  dataset = dataset.map(schema.parse_example, num_parallel_calls=tf.data.AUTOTUNE)
+  records = _read_records(file_pattern, training, seed, input_context)
   if training:
+    # Stateless randomness seeded by (run seed, element index): repeatable given `seed`, different
+    # for every element, and cheaper than zipping in a random dataset.
+    run_seed = seed if seed is not None else random.SystemRandom().randrange(1 << 62)
+    # Repeat first, so that every draw below has its own element index (shard order is reshuffled
+    # each epoch); the shuffle then mixes across epoch boundaries, which an endless loop never sees.
+    records = records.repeat()
     if class_counts is not None and class_balance != 1.0:
-      dataset = _balance(dataset, balancing_weights(class_counts, class_balance), seed)
-    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    # One stateless seed per element: repeatable given `seed`, independent across elements.
-    element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip((dataset, element_seeds)).map(
-        lambda example, element_seed: (
-            _train_image(example[schema.ENCODED], element_seed, image_size, augmentation),
-            tf.cast(example[schema.LABEL], tf.int32), example[schema.ID]),
-        num_parallel_calls=tf.data.AUTOTUNE)
+      # Balancing draws from its own stream: its index counts records before shuffling.
+      records = _balance(records, balancing_weights(class_counts, class_balance), run_seed ^ 0x5EED)
+    records = records.shuffle(shuffle_buffer, seed=seed)
+
+    def train_element(index, record):
+      example = schema.parse_example(record)
+      element_seed = tf.stack([tf.constant(run_seed, tf.int64), index])
+      return (_train_image(example[schema.ENCODED], element_seed, image_size, augmentation),
+              tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
+
+    dataset = records.enumerate().map(train_element, num_parallel_calls=tf.data.AUTOTUNE)
   else:
-    dataset = dataset.map(
-        lambda example: (_eval_image(example[schema.ENCODED], image_size),
-                         tf.cast(example[schema.LABEL], tf.int32), example[schema.ID]),
-        num_parallel_calls=tf.data.AUTOTUNE)
+
+    def eval_element(record):
+      example = schema.parse_example(record)
+      return (_eval_image(example[schema.ENCODED], image_size),
+              tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
+
+    dataset = records.map(eval_element, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
 
   layers = []
@@ -218,12 +240,16 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
   mixup = keras.layers.MixUp(alpha=mixup_alpha, seed=seed) if training and mixup_alpha > 0 else None
 
   def finish(images, labels, ids):
-    for layer in layers:
-      images = layer(images, training=True)
-    if mixup is not None:
-      mixed = mixup({'images': images, 'labels': tf.one_hot(labels, num_classes)}, training=True)
-      images, labels = mixed['images'], mixed['labels']
-    images = preprocess(tf.clip_by_value(images, 0.0, 255.0), backbone)
+    if layers or mixup is not None:
+      images = tf.cast(images, tf.float32)
+      for layer in layers:
+        images = layer(images, training=True)
+      if mixup is not None:
+        mixed = mixup({'images': images, 'labels': tf.one_hot(labels, num_classes)}, training=True)
+        images, labels = mixed['images'], mixed['labels']
+      images = tf.saturate_cast(tf.round(images), tf.uint8)  # Also clips interpolation overshoot.
+    if backbone is not None:
+      images = preprocess(images, backbone)
     return (images, labels, ids) if with_ids else (images, labels)
 
   dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
