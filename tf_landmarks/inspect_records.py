@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import statistics
 from typing import Dict, List
 
@@ -35,6 +36,12 @@ def load_manifest(records_dir: str) -> dict:
     raise InspectError(f'{path} is not valid JSON ({error})') from None
 
 
+def _plain(message: str) -> str:
+  """A TensorFlow error message without its op and function-node decorations."""
+  message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
+  return message.split(' [Op:')[0].strip()
+
+
 def verify_shards(records_dir: str, manifest: dict) -> None:
   """Counts the records of every shard and compares them with the manifest.
 
@@ -49,7 +56,7 @@ def verify_shards(records_dir: str, manifest: dict) -> None:
       try:
         count = int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
       except tf.errors.DataLossError as error:
-        raise InspectError(f'{path} is corrupt or truncated ({error.message})') from None
+        raise InspectError(f'{path} is corrupt or truncated ({_plain(error.message)})') from None
       if count != shard['examples']:
         raise InspectError(f'{path} holds {count} examples, the manifest says {shard["examples"]}')
 

@@ -22,7 +22,8 @@ _SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'validation', 'test'],
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Examples in the batch shown.', lower_bound=1)
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the square images.', lower_bound=8)
 _BACKBONE = flags.DEFINE_string('backbone', 'resnet50', 'Backbone whose preprocessing is applied '
-                                '(vgg16 and resnet50: Caffe-style BGR minus means; others: [-1, 1]).')
+                                '(vgg16 and resnet50: Caffe-style BGR minus means; others: [-1, 1]; '
+                                '"none": uint8 pixels, as fed to a model that preprocesses itself).')
 _CLASS_BALANCE = flags.DEFINE_float('class_balance', 1.0, 'For the train split: classes drawn '
                                     'proportionally to n^class_balance (1 natural, 0 uniform).',
                                     lower_bound=0.0, upper_bound=1.0)
@@ -54,7 +55,8 @@ def main(argv):
   training = split == 'train'
   dataset = data.make_dataset(
       f'{records_dir}/{split}-*', training=training, batch_size=_BATCH_SIZE.value,
-      image_size=_IMAGE_SIZE.value, backbone=_BACKBONE.value, seed=_SEED.value,
+      image_size=_IMAGE_SIZE.value, seed=_SEED.value,
+      backbone=None if _BACKBONE.value == 'none' else _BACKBONE.value,
       class_counts=[row['num_images'] for row in label_map] if training else None,
       class_balance=_CLASS_BALANCE.value if training else 1.0, with_ids=True)
   images, labels, ids = (t.numpy() for t in next(iter(dataset)))
