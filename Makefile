@@ -31,6 +31,15 @@ demo: $(STAMP)
 	  --image_dir=$(DEMO_DATA)/images --output_dir=$(DEMO_RECORDS)
 	$(BIN)/tfl-inspect-records --records_dir=$(DEMO_RECORDS)
 
+# The benchmarks recorded in BUILD_NOTES.md (about 5 minutes on 2 cores; run on a quiet machine).
+bench: demo
+	$(BIN)/python bench/bench_synthetic.py
+	$(BIN)/python bench/bench_records.py
+	$(BIN)/python bench/bench_input_pipeline.py --records_dir=$(DEMO_RECORDS)
+	if [ -d ../shared/data/landmarks-real ]; then \
+	  $(BIN)/tfl-build-records --flagfile=configs/landmarks_real.flags --noprogress && \
+	  $(BIN)/python bench/bench_input_pipeline.py --records_dir=records/landmarks_real; fi
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' -q
 
