@@ -1,4 +1,4 @@
-r"""Input-pipeline throughput: the full training pipeline against bare JPEG decoding, same shards, same run.
+r"""Input-pipeline throughput: the full training pipeline against bare JPEG decoding of the same shards.
 
   bare   TFRecordDataset → parse → tf.io.decode_jpeg → batch → prefetch (parallel map): the rate at which
          these 2 cores can merely decode the shards.

@@ -126,8 +126,8 @@ def main(argv):
       synthetic.generate(data_dir, synthetic.WorldSpec(
           num_landmarks=40, num_unseen_landmarks=8, num_train_images=_SYNTHETIC_IMAGES.value,
           num_test_images=_SYNTHETIC_IMAGES.value // 4, image_size=_SYNTHETIC_SIZE.value))
-      measure(f'synth {_SYNTHETIC_SIZE.value}', os.path.join(data_dir, 'train.csv'), os.path.join(data_dir, 'test.csv'),
-              os.path.join(data_dir, 'images'), work_dir)
+      measure(f'synth {_SYNTHETIC_SIZE.value}', os.path.join(data_dir, 'train.csv'),
+              os.path.join(data_dir, 'test.csv'), os.path.join(data_dir, 'images'), work_dir)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """The tf.data input pipeline: shards → decoded, augmented, preprocessed batches.
 
 Training pipeline, in order (each step where it is cheapest):
-  shuffled shard list → (per-worker shard) → parallel interleaved reading → class balancing (parses
-  only the label) → shuffle and repeat (serialized records) → one map: parse + decode + crop
+  shuffled shard list → (per-worker shard) → parallel interleaved reading → repeat → class balancing
+  (parses only the label) → shuffle (serialized records) → one map: parse + decode + crop
   (`decode_and_crop_jpeg` decodes only the crop) + resize + flip → batch → batch-level Keras layers
   (shift/rotate, RandAugment, MixUp) → backbone preprocessing → prefetch.
 Every per-example step lives in that one map because each extra parallel map hands every element
@@ -18,8 +18,8 @@ takes the central `image_size` square (the usual ImageNet evaluation crop), with
 example comes out exactly once and in a fixed order.
 
 Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the backbone (uint8 in
-[0, 255] with `backbone=None`), labels int32 [B]; with MixUp labels are float32 one-hot mixtures [B, num_classes]. With `with_ids=True` batches are
-`(images, labels, ids)`, ids a string [B] tensor.
+[0, 255] with `backbone=None`), labels int32 [B]; with MixUp labels are float32 one-hot mixtures
+[B, num_classes]. With `with_ids=True` batches are `(images, labels, ids)`, ids a string [B] tensor.
 """
 
 import csv
