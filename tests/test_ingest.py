@@ -271,3 +271,40 @@ def test_cli_reports_wrong_image_dir_and_builds_when_right(tmp_path):
   assert right.returncode == 0, right.stderr
   assert '3 classes' in right.stdout
   assert json.load(open(tmp_path / 'out' / 'manifest.json'))['num_classes'] == 3
+
+
+def test_synthetic_world_round_trips_through_the_builder(tmp_path):
+  from tf_landmarks import synthetic
+  world = tmp_path / 'world'
+  synthetic.generate(str(world), synthetic.WorldSpec(
+      seed=4, num_landmarks=8, num_unseen_landmarks=2, num_train_images=48, num_test_images=16,
+      image_size=160))
+  output_dir = str(tmp_path / 'records')
+  manifest = ingest.build_records(ingest.BuildConfig(
+      output_dir=output_dir, train_csv=str(world / 'train.csv'), test_csv=str(world / 'test.csv'),
+      image_dir=str(world / 'images'), validation_fraction=0.2, singletons=Singletons.TRAIN,
+      max_image_size=128, examples_per_shard=16, num_workers=2, progress=False))
+  assert manifest['skipped']['total'] == 0
+  train_rows = {row['id']: int(row['landmark_id']) for row in csv.DictReader(open(world / 'train.csv'))}
+  test_ids = {row['id'] for row in csv.DictReader(open(world / 'test.csv'))}
+  labelled = {**read_split(output_dir, 'train'), **read_split(output_dir, 'validation')}
+  test = read_split(output_dir, 'test')
+  assert set(labelled) == set(train_rows) and set(test) == test_ids
+  label_of = {int(row['landmark_id']): int(row['label'])
+              for row in csv.DictReader(open(os.path.join(output_dir, 'label_map.csv')))}
+  assert sorted(label_of.values()) == list(range(8))
+  for image_id, example in labelled.items():
+    assert example[schema.LANDMARK_ID] == train_rows[image_id]
+    assert example[schema.LABEL] == label_of[train_rows[image_id]]
+  for image_id, example in list(labelled.items())[:12] + list(test.items())[:4]:
+    # Pixels: the source downsized with an area filter and re-encoded at quality 90; what is left
+    # is the difference between TensorFlow's and Pillow's JPEG decoders.
+    source = Image.open(world / 'images' / f'{image_id}.jpg').convert('RGB')
+    scale = 128 / max(source.size)
+    resized = source.resize((round(source.width * scale), round(source.height * scale)),
+                            Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    resized.save(buffer, format='JPEG', quality=90)
+    expected = np.asarray(Image.open(buffer), dtype=float)
+    assert example['pixels'].shape == expected.shape
+    assert np.abs(example['pixels'] - expected).mean() < 1.5
