@@ -22,9 +22,7 @@ Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the
 [B, num_classes]. With `with_ids=True` batches are `(images, labels, ids)`, ids a string [B] tensor.
 """
 
-import csv
 import enum
-import os
 import random
 from typing import Optional, Sequence
 
@@ -32,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_landmarks import inspect_records
 from tf_landmarks import schema
 
 # VGG16 and ResNet50 were trained on Caffe-style inputs: BGR, ImageNet channel means subtracted, no
@@ -60,11 +59,10 @@ def preprocess(images: tf.Tensor, backbone: str) -> tf.Tensor:
 
 def read_class_counts(records_dir: str) -> list[int]:
   """Training images per label, from `label_map.csv` of a record build (index = label)."""
-  with tf.io.gfile.GFile(os.path.join(records_dir, 'label_map.csv')) as f:
-    rows = sorted((int(row['label']), int(row['num_images'])) for row in csv.DictReader(f))
-  if [label for label, _ in rows] != list(range(len(rows))):
+  rows = sorted(inspect_records.read_label_map(records_dir), key=lambda row: row['label'])
+  if [row['label'] for row in rows] != list(range(len(rows))):
     raise ValueError(f'{records_dir}/label_map.csv does not list labels 0..{len(rows) - 1}')
-  return [count for _, count in rows]
+  return [row['num_images'] for row in rows]
 
 
 def balancing_weights(class_counts: Sequence[int], power: float) -> np.ndarray:
@@ -96,12 +94,26 @@ def _balance(records: tf.data.Dataset, weights: np.ndarray, run_seed: int) -> tf
   return records.enumerate().map(copies, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
-def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  image = tf.io.decode_jpeg(encoded, channels=3)
+def _resize_short_side(image: tf.Tensor, short_side: float) -> tf.Tensor:
+  """Bilinear resize (float32 out) so that the shorter side is at least `short_side`."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = image_size / _EVAL_CROP_FRACTION / tf.reduce_min(shape)
-  resized = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
-  return tf.saturate_cast(tf.image.resize_with_crop_or_pad(resized, image_size, image_size), tf.uint8)
+  scale = short_side / tf.reduce_min(shape)
+  return tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Rounds a bilinear resize back to uint8, so that batches carry a quarter of the bytes.
+
+  Bilinear weights are convex, so values stay in [0, 255]: +0.5 and truncation round without the
+  extra passes of round/saturate_cast.
+  """
+  return tf.cast(image + 0.5, tf.uint8)
+
+
+def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+  resized = _resize_short_side(tf.io.decode_jpeg(encoded, channels=3),
+                               image_size / _EVAL_CROP_FRACTION)
+  return _to_uint8(tf.image.resize_with_crop_or_pad(resized, image_size, image_size))
 
 
 def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
@@ -114,18 +126,12 @@ def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     image = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
-    image = tf.image.resize(image, (image_size, image_size))
+    image = _to_uint8(tf.image.resize(image, (image_size, image_size)))
   elif augmentation == Augmentation.RESIZE_CROP:
-    image = tf.io.decode_jpeg(encoded, channels=3)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = image_size * 256 / 224 / tf.reduce_min(shape)
-    image = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
-    image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=seed)
+    image = _resize_short_side(tf.io.decode_jpeg(encoded, channels=3), image_size * 256 / 224)
+    image = _to_uint8(tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=seed))
   else:
-    return tf.image.stateless_random_flip_left_right(_eval_image(encoded, image_size), seed=seed + 1)
-  # Back to uint8 so that batches carry a quarter of the bytes. Bilinear weights are convex, so the
-  # values stay in [0, 255]: +0.5 and truncation round without the extra passes of round/saturate.
-  image = tf.cast(image + 0.5, tf.uint8)
+    image = _eval_image(encoded, image_size)
   return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
 
 

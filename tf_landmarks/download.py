@@ -8,14 +8,12 @@ take for finished; a re-run skips ids already in the cache.
 """
 
 import concurrent.futures
-import csv
 import dataclasses
 import http.client
 import io
 import os
 import random
 import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +24,7 @@ import tensorflow as tf
 import tqdm
 
 from tf_landmarks import csv_io
+from tf_landmarks import files
 
 USER_AGENT = 'tf-landmarks/0.1 (landmark dataset builder)'
 _ALLOWED_SCHEMES = ('http', 'https')
@@ -135,13 +134,6 @@ def _fetch_once(url: str, timeout_s: float, max_bytes: int) -> bytes:
   return data
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  temporary = f'{path}.part-{os.getpid()}-{threading.get_ident()}'
-  with tf.io.gfile.GFile(temporary, 'wb') as f:
-    f.write(data)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def _download_one(image_id: str, url: str, cache_dir: str, timeout_s: float, max_bytes: int,
                   retries: int, backoff_s: float) -> None:
   """Fetches one image into the cache, retrying transient failures with exponential backoff."""
@@ -155,7 +147,7 @@ def _download_one(image_id: str, url: str, cache_dir: str, timeout_s: float, max
         raise
       # Jitter spreads retries of many threads hitting the same overloaded server.
       time.sleep(backoff_s * 2 ** attempt * random.uniform(1.0, 1.25))
-  _write_atomically(cached_path(cache_dir, image_id), data)
+  files.write_atomically(cached_path(cache_dir, image_id), data)
 
 
 def download_images(rows: Iterable[Tuple[str, str]], cache_dir: str, *, num_threads: int = 16,
@@ -224,8 +216,5 @@ def download_images(rows: Iterable[Tuple[str, str]], cache_dir: str, *, num_thre
 
 def write_failure_report(report: DownloadReport, path: str) -> None:
   """Writes the failures as CSV `id,url,reason` (temporary name, renamed when complete)."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(['id', 'url', 'reason'])
-  writer.writerows((f.image_id, f.url, f.reason) for f in report.failures)
-  _write_atomically(path, buffer.getvalue().encode('utf-8'))
+  files.write_csv_atomically(path, ['id', 'url', 'reason'],
+                             ((f.image_id, f.url, f.reason) for f in report.failures))

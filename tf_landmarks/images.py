@@ -104,7 +104,8 @@ def prepare_image(data: bytes, max_side: int = 0, jpeg_quality: int = 90,
       image.load()
       source_mode = image.mode
       orientation = image.getexif().get(0x0112, 1)
-      image = ImageOps.exif_transpose(image)
+      if orientation != 1:  # exif_transpose would otherwise still copy the whole image.
+        image = ImageOps.exif_transpose(image)
       image = _to_rgb(image)
   except ImageError:
     raise

@@ -31,6 +31,7 @@ import tqdm
 
 from tf_landmarks import csv_io
 from tf_landmarks import download
+from tf_landmarks import files
 from tf_landmarks import images
 from tf_landmarks import schema
 from tf_landmarks import splits
@@ -132,13 +133,6 @@ def image_paths(image_dir: str, image_id: str) -> List[str]:
   return [flat, _join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
 
 
-def _write_atomically(path: str, text: str) -> None:
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with tf.io.gfile.GFile(temporary, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def _own_files(output_dir: str) -> List[str]:
   """Files in `output_dir` that a build writes (and `--overwrite` may delete)."""
   names = [MANIFEST, LABEL_MAP, *_TFDS_FILES]
@@ -185,7 +179,7 @@ def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
   if complete:
     return True
   tf.io.gfile.makedirs(staging)
-  _write_atomically(fingerprint_path, json.dumps(fingerprint, indent=1, sort_keys=True))
+  files.write_atomically(fingerprint_path, json.dumps(fingerprint, indent=1, sort_keys=True))
   return False
 
 
@@ -202,7 +196,7 @@ def _fingerprint(config: BuildConfig, sources: Dict[str, dict]) -> dict:
 
 
 def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
-  """Reads and cross-checks the CSVs; returns (train rows, test rows, url of each id, sources)."""
+  """Reads and cross-checks the CSVs; returns (train rows, test rows, source path and sha256)."""
   train, test, sources = [], [], {}
   if config.train_csv:
     train, bad = csv_io.read_train_csv(config.train_csv)
@@ -299,10 +293,8 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
         entries.append([row.image_id, result, 0, 0, 0])
     # One plain write per chunk: the main process shares the cores with the workers, and a
     # TFRecordWriter per chunk plus per-record framing cost it ~0.1 ms per image.
-    with tf.io.gfile.GFile(jpegs_path + '.tmp', 'wb') as f:
-      f.write(b''.join(jpegs))
-    tf.io.gfile.rename(jpegs_path + '.tmp', jpegs_path, overwrite=True)
-    _write_atomically(results_path, json.dumps(entries))
+    files.write_atomically(jpegs_path, b''.join(jpegs))
+    files.write_atomically(results_path, json.dumps(entries))
     bar.update(len(results))
 
   def job(chunk_index: int):
@@ -337,22 +329,23 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
   bar.close()
 
 
-def _read_staged_results(staging: str, num_chunks: int) -> List[List[list]]:
-  """Per chunk, the per-row entries [image_id, reason, height, width, num_bytes]."""
+def _read_staged_results(staging: str, num_chunks: int) -> List[list]:
+  """Per row, in row order, the entry [image_id, reason, height, width, num_bytes]."""
   results = []
   for chunk in range(num_chunks):
     with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[1]) as f:
-      results.append(json.load(f))
+      results.extend(json.load(f))
   return results
 
 
-def _staged_jpegs(staging: str, staged_chunks: List[List[list]]) -> Iterable[Optional[bytes]]:
+def _staged_jpegs(staging: str, staged: List[list]) -> Iterable[Optional[bytes]]:
   """Per row, in row order, its staged JPEG (None for an unusable row); one chunk in memory at a time."""
-  for chunk, entries in enumerate(staged_chunks):
+  size = _chunk_size(len(staged))
+  for chunk, start in enumerate(range(0, len(staged), size)):
     with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[0], 'rb') as f:
       data = f.read()
     offset = 0
-    for _, reason, _, _, num_bytes in entries:
+    for _, reason, _, _, num_bytes in staged[start:start + size]:
       yield None if reason else data[offset:offset + num_bytes]
       offset += num_bytes
 
@@ -409,7 +402,7 @@ class _ShardWriter:
       raise AssertionError(f'{self.split}: wrote {self._written} examples, expected {self.total}')
 
 
-def _write_shards(config: BuildConfig, staged_chunks: List[List[list]], rows: Sequence[_Row],
+def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
                   split: splits.Split, train_positions: List[int]) -> Dict[str, _ShardWriter]:
   """Phase 2: routes staged images into split shards in one sequential pass."""
   destination = {}  # position in `rows` → split name
@@ -419,7 +412,6 @@ def _write_shards(config: BuildConfig, staged_chunks: List[List[list]], rows: Se
   for index in split.validation:
     destination[position_of_train_index[index]] = 'validation'
   duplicated = {position_of_train_index[index] for index in split.duplicated}
-  staged = [entry for entries in staged_chunks for entry in entries]
   for position, row in enumerate(rows):
     if row.landmark_id is None and not staged[position][1]:
       destination[position] = 'test'
@@ -430,7 +422,7 @@ def _write_shards(config: BuildConfig, staged_chunks: List[List[list]], rows: Se
 
   staging = _join(config.output_dir, STAGING)
   bar = tqdm.tqdm(total=sum(totals.values()), unit='ex', desc='shards', disable=not config.progress)
-  jpegs = _staged_jpegs(staging, staged_chunks)
+  jpegs = _staged_jpegs(staging, staged)
   for position, ((image_id, _, height, width, _), jpeg) in enumerate(zip(staged, jpegs)):
     name = destination.get(position)
     if name is not None:
@@ -454,10 +446,10 @@ def _write_shards(config: BuildConfig, staged_chunks: List[List[list]], rows: Se
 
 def _write_label_map(output_dir: str, split: splits.Split, train_rows: Sequence[_Row]) -> None:
   counts = collections.Counter(train_rows[index].landmark_id for index in split.train)
-  lines = ['label,landmark_id,num_images']
-  for landmark_id, label in sorted(split.label_of_landmark.items(), key=lambda item: item[1]):
-    lines.append(f'{label},{landmark_id},{counts[landmark_id]}')
-  _write_atomically(_join(output_dir, LABEL_MAP), '\n'.join(lines) + '\n')
+  files.write_csv_atomically(
+      _join(output_dir, LABEL_MAP), ['label', 'landmark_id', 'num_images'],
+      ((label, landmark_id, counts[landmark_id]) for landmark_id, label
+       in sorted(split.label_of_landmark.items(), key=lambda item: item[1])))
 
 
 def _write_tfds_metadata(output_dir: str, writers: Dict[str, _ShardWriter], num_classes: int) -> None:
@@ -527,8 +519,7 @@ def build_records(config: BuildConfig) -> dict:
 
   staging = _join(config.output_dir, STAGING)
   num_chunks = math.ceil(len(rows) / _chunk_size(len(rows)))
-  staged_chunks = _read_staged_results(staging, num_chunks)
-  staged = [entry for entries in staged_chunks for entry in entries]
+  staged = _read_staged_results(staging, num_chunks)
   skipped += [csv_io.SkippedRow('image', 0, image_id, reason)
               for image_id, reason, _, _, _ in staged if reason]
   train_positions = [p for p, row in enumerate(rows) if row.landmark_id is not None and not staged[p][1]]
@@ -545,7 +536,7 @@ def build_records(config: BuildConfig) -> dict:
   skipped += [csv_io.SkippedRow('split', 0, train_view[index].image_id, reason)
               for index, reason in sorted(split.dropped.items())]
 
-  writers = _write_shards(config, staged_chunks, rows, split, train_positions)
+  writers = _write_shards(config, staged, rows, split, train_positions)
   _write_label_map(config.output_dir, split, train_view)
   _write_tfds_metadata(config.output_dir, writers, len(split.label_of_landmark))
 
@@ -565,7 +556,7 @@ def build_records(config: BuildConfig) -> dict:
       'skipped': {'total': len(skipped), 'by_reason': _skipped_summary(skipped),
                   'rows': [dataclasses.asdict(row) for row in skipped]},
   }
-  _write_atomically(_join(config.output_dir, MANIFEST), json.dumps(manifest, indent=1))
+  files.write_atomically(_join(config.output_dir, MANIFEST), json.dumps(manifest, indent=1))
   if not config.keep_staging:
     tf.io.gfile.rmtree(staging)
   return manifest

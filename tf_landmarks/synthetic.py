@@ -10,12 +10,10 @@ so local-feature matching with RANSAC behaves as it does on real buildings.
 Everything is deterministic: an image's random stream depends only on (seed, what it is, its index).
 """
 
-import csv
 import dataclasses
 import hashlib
-import io
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -460,18 +458,6 @@ def plan_world(spec: WorldSpec) -> Tuple[List[Tuple[str, int, int]], List[Query]
   return train, queries
 
 
-def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # gfile, so gs:// works.
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(header)
-  writer.writerows(rows)
-  temporary = f'{path}.tmp'
-  with tf.io.gfile.GFile(temporary, 'w') as f:
-    f.write(buffer.getvalue())
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[str, int]:
   """Writes a synthetic world in the Google Landmarks layout into `output_dir`.
 
@@ -494,6 +480,7 @@ def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[s
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import files  # pylint: disable=g-import-not-at-top
   train, queries = plan_world(spec)
   ids = _landmark_ids(spec)
   landmarks: Dict[int, Landmark] = {}
@@ -520,15 +507,16 @@ def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[s
   for image_id, landmark, _ in train:
     train_by_landmark.setdefault(landmark, []).append(image_id)
   usage = lambda image_id: 'Public' if int(image_id[:4], 16) % 3 == 0 else 'Private'
-  _write_csv(f'{output_dir}/test.csv', ('id', 'url'),
-             sorted((q.image_id, _URL_PREFIX + q.image_id + '.jpg') for q in queries))
-  _write_csv(f'{output_dir}/recognition_solution.csv', ('id', 'landmarks', 'Usage'), sorted(
+  write_csv = files.write_csv_atomically
+  write_csv(f'{output_dir}/test.csv', ('id', 'url'),
+            sorted((q.image_id, _URL_PREFIX + q.image_id + '.jpg') for q in queries))
+  write_csv(f'{output_dir}/recognition_solution.csv', ('id', 'landmarks', 'Usage'), sorted(
       (q.image_id, ids[q.landmark] if q.kind == 'known' else '', usage(q.image_id))
       for q in queries))
-  _write_csv(f'{output_dir}/retrieval_solution.csv', ('id', 'images', 'Usage'), sorted(
+  write_csv(f'{output_dir}/retrieval_solution.csv', ('id', 'images', 'Usage'), sorted(
       (q.image_id, ' '.join(sorted(train_by_landmark[q.landmark])), usage(q.image_id))
       for q in queries if q.kind == 'known'))
-  _write_csv(f'{output_dir}/train.csv', ('id', 'url', 'landmark_id'), sorted(
+  write_csv(f'{output_dir}/train.csv', ('id', 'url', 'landmark_id'), sorted(
       (image_id, _URL_PREFIX + image_id + '.jpg', ids[landmark]) for image_id, landmark, _ in train))
   counts = {'train': len(train)}
   for kind in ('known', 'unseen', 'none'):
