@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 import cv2
 
+from tf_landmarks import images
 from tf_landmarks import synthetic
 
 _IMAGES = flags.DEFINE_integer('images', 1000, 'Images to generate (train + test).')
@@ -49,7 +50,7 @@ def main(argv):
                     for name in sorted(os.listdir(image_dir))[:50]]
     start = time.perf_counter()
     for index in range(_IMAGES.value):
-      synthetic.encode_jpeg(rendered[index % len(rendered)], spec.jpeg_quality)
+      images.encode_jpeg(rendered[index % len(rendered)], spec.jpeg_quality)
     best['encode'] = max(best['encode'], _IMAGES.value / (time.perf_counter() - start))
   print(f'{_IMAGES.value} images at {_IMAGE_SIZE.value} px on one core: generate '
         f'{best["generate"]:.0f} img/s, JPEG encoding alone {best["encode"]:.0f} img/s, '

@@ -67,3 +67,47 @@ def test_train_clean_subset_filters_and_relabels(tmp_path):
   assert sorted((r.image_id, r.url, r.landmark_id) for r in kept) == [
       ('aaaa', 'u1', 1), ('bbbb', '', 1), ('cccc', 'u3', 2)]
   assert [(d.image_id, d.reason) for d in dropped] == [('eeee', 'not in the clean subset')]
+
+
+@pytest.mark.parametrize('landmark_id,reason', [
+    ('99999999999999999999', 'too large'), ('9223372036854775808', 'too large'),
+    ('1_0001', 'not a non-negative integer'), ('١٢٣', 'not a non-negative integer'),
+    ('+5', 'not a non-negative integer'), ('1 2', 'not a non-negative integer'),
+    ('9' * 5000, 'too large')])
+def test_landmark_id_must_be_ascii_digits_within_int64(tmp_path, landmark_id, reason):
+  path = _write(tmp_path, f'id,landmark_id\ngood,7\nbad,{landmark_id}\n')
+  rows, skipped = csv_io.read_train_csv(path)
+  assert [(r.image_id, r.landmark_id) for r in rows] == [('good', 7)]
+  assert [(s.line, s.image_id) for s in skipped] == [(3, 'bad')]
+  assert reason in skipped[0].reason and len(skipped[0].reason) < 120
+
+
+def test_landmark_id_edges_that_are_accepted(tmp_path):
+  path = _write(tmp_path, 'id,landmark_id\n'
+                'a, 9223372036854775807 \n'
+                'b,0000000000000000000000012\n'
+                'c,0\n')
+  rows, skipped = csv_io.read_train_csv(path)
+  assert [r.landmark_id for r in rows] == [2**63 - 1, 12, 0] and not skipped
+
+
+def test_utf8_byte_order_mark_is_ignored(tmp_path):
+  path = tmp_path / 'train.csv'
+  path.write_bytes('\ufeffid,url,landmark_id\naaaa,u,1\n'.encode('utf-8'))
+  rows, skipped = csv_io.read_train_csv(str(path))
+  assert [(r.image_id, r.landmark_id) for r in rows] == [('aaaa', 1)] and not skipped
+  path.write_bytes('\ufeff"id"\nq1\n'.encode('utf-8'))
+  assert [r.image_id for r in csv_io.read_test_csv(str(path))[0]] == ['q1']
+
+
+def test_train_clean_takes_comma_separated_ids_and_skips_rows_without_ids(tmp_path):
+  clean_path = _write(tmp_path, 'landmark_id,images\n'
+                      '1,aaaa,bbbb cccc\n'
+                      '2,"dddd, eeee"\n'
+                      '3,\n'
+                      '4\n'
+                      '5, , ,\n', 'clean.csv')
+  clean, skipped = csv_io.read_train_clean_csv(clean_path)
+  assert clean == {'aaaa': 1, 'bbbb': 1, 'cccc': 1, 'dddd': 2, 'eeee': 2}
+  assert [(s.line, s.reason) for s in skipped] == [
+      (4, 'no images listed'), (5, 'no images listed'), (6, 'no images listed')]

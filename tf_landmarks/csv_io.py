@@ -1,24 +1,42 @@
 """Reading and validating the Google Landmarks CSV files.
 
-Every CSV is untrusted input: ids become file names, so they are checked before any path is built from
-them; structural problems (missing columns, an empty file) raise `CsvError` with a message meant for the
-user, and per-row problems are returned as skipped rows with a reason rather than raised.
+Every CSV is untrusted input: ids become file names, so they are checked before any path is built
+from them; structural problems (missing columns, an empty file) raise `CsvError` with a message
+meant for the user, and per-row problems are returned as skipped rows with a reason, not raised.
 """
 
 import csv
 import dataclasses
 import hashlib
+import itertools
 import re
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import tensorflow as tf
 
-# Google Landmarks ids are 16 hex digits; other datasets use other ids, so accept any short name made
-# of safe characters. Never a path separator, never '.' or '..', never a leading dot.
+from tf_landmarks import errors
+
+# Google Landmarks ids are 16 hex digits; other datasets use other ids, so accept any short name
+# made of safe characters. Never a path separator, never '.' or '..', never a leading dot.
 _SAFE_ID = re.compile(r'^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$')
 
+# `int()` also accepts '1_000', '+5' and non-ASCII digits such as '١٢٣'; landmark ids are plain
+# decimals.
+_ASCII_DIGITS = re.compile(r'[0-9]+')
 
-class CsvError(ValueError):
+# Landmark ids are stored as int64 in the records; a larger one would only fail later, mid-build.
+_INT64_MAX = 2**63 - 1
+
+# GLDv2's `images` column separates ids with spaces, but edited copies use commas, unquoted ones
+# spilling into extra fields.
+_ID_SEPARATORS = re.compile(r'[\s,]+')
+
+# Spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would otherwise become
+# part of the first column's name.
+_BYTE_ORDER_MARK = '\ufeff'
+
+
+class CsvError(errors.UserError):
   """A CSV file cannot be used at all; the message says why, for the user."""
 
 
@@ -37,7 +55,7 @@ class ImageRow:
 
 @dataclasses.dataclass(frozen=True)
 class SkippedRow:
-  """A row left out, with the reason; `line` is the 1-based line in `source` (0 if not from a file)."""
+  """A row left out and why; `line` is its 1-based line in `source` (0 if not from a file)."""
   source: str
   line: int
   image_id: str
@@ -50,7 +68,9 @@ def _open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]
     raise CsvError(f'{path}: file not found')
   with tf.io.gfile.GFile(path, 'r') as f:
     try:
-      reader = csv.DictReader(f)
+      lines = iter(f)
+      first_line = next(lines, '').removeprefix(_BYTE_ORDER_MARK)
+      reader = csv.DictReader(itertools.chain([first_line], lines))
       header = reader.fieldnames
     except (csv.Error, UnicodeDecodeError) as error:
       raise CsvError(f'{path}: not a readable CSV ({error})') from None
@@ -87,12 +107,24 @@ def _check_id(source: str, line: int, raw_id: Optional[str], seen: set,
   return None
 
 
-def _parse_landmark_id(text: Optional[str]) -> Optional[int]:
-  try:
-    value = int((text or '').strip())
-  except ValueError:
-    return None
-  return value if value >= 0 else None
+def _quoted(text: Optional[str], limit: int = 40) -> str:
+  """`text` quoted, shortened if long: reasons are one-line messages and manifest entries."""
+  return repr(text) if text is None or len(text) <= limit else f'{text[:limit]!r}…'
+
+
+def _parse_landmark_id(text: Optional[str]) -> tuple[Optional[int], str]:
+  """Returns (landmark id, '') or (None, the reason it is unusable)."""
+  digits = (text or '').strip()
+  if not _ASCII_DIGITS.fullmatch(digits):
+    return None, (f'landmark_id {_quoted(text)} is not a non-negative integer '
+                  '(ASCII digits 0-9 only)')
+  # Comparing lengths first keeps int() off huge strings (it refuses over 4300 digits); leading
+  # zeros would make that comparison wrong.
+  digits = digits.lstrip('0') or '0'
+  value = int(digits) if len(digits) <= len(str(_INT64_MAX)) else None
+  if value is None or value > _INT64_MAX:
+    return None, f'landmark_id {_quoted(text)} is too large (the largest is {_INT64_MAX}, int64)'
+  return value, ''
 
 
 def _require_rows(path: str, rows: list, skipped: List[SkippedRow]) -> None:
@@ -105,24 +137,25 @@ def _require_rows(path: str, rows: list, skipped: List[SkippedRow]) -> None:
 def read_train_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
   """Reads a Google Landmarks train CSV (`id,url,landmark_id`; `url` may be absent).
 
-  Per-row problems (unsafe, empty or duplicate id; a landmark_id that is not a non-negative integer,
-  such as 'None' in the 2018 data) skip that row. The first occurrence of a duplicate id is kept.
+  Per-row problems skip that row: an unsafe, empty or duplicate id; a landmark_id that is not plain
+  ASCII digits (such as 'None' in the 2018 data, '1_000' or non-ASCII digits) or does not fit in
+  int64. The first occurrence of a duplicate id is kept. A UTF-8 byte order mark is ignored.
 
   Returns:
     The usable rows in file order, and the skipped rows with reasons.
 
   Raises:
-    CsvError: the file is missing, unreadable, empty, lacks `id` or `landmark_id`, or has no usable row.
+    CsvError: the file is missing, unreadable, empty, lacks `id` or `landmark_id`, or has no usable
+      row.
   """
   rows, skipped, seen = [], [], set()
   for line, row in _open_rows(path, ('id', 'landmark_id')):
     image_id = _check_id(path, line, row.get('id'), seen, skipped)
     if image_id is None:
       continue
-    landmark_id = _parse_landmark_id(row.get('landmark_id'))
+    landmark_id, reason = _parse_landmark_id(row.get('landmark_id'))
     if landmark_id is None:
-      skipped.append(SkippedRow(path, line, image_id,
-                                f'landmark_id {row.get("landmark_id")!r} is not a non-negative integer'))
+      skipped.append(SkippedRow(path, line, image_id, reason))
       continue
     rows.append(ImageRow(image_id, (row.get('url') or '').strip(), landmark_id))
   _require_rows(path, rows, skipped)
@@ -143,24 +176,35 @@ def read_test_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
   return rows, skipped
 
 
+def _listed_ids(row: dict) -> List[str]:
+  """The ids of a `train_clean.csv` row: its `images` field and any unquoted comma overflow."""
+  fields = [row.get('images') or ''] + (row.get(None) or [])
+  return [image_id for field in fields for image_id in _ID_SEPARATORS.split(field) if image_id]
+
+
 def read_train_clean_csv(path: str) -> tuple[Dict[str, int], List[SkippedRow]]:
   """Reads GLDv2's `train_clean.csv` (`landmark_id,images`, images space-separated).
 
+  Ids may also be separated by commas, quoted or not: unquoted ones spill into extra CSV fields,
+  which are read as part of `images`.
+
   Returns:
-    A map image id → landmark id of the clean subset, and the skipped entries (bad landmark ids,
-    unsafe ids, ids listed twice).
+    A map image id → landmark id of the clean subset, and the skipped entries (bad landmark ids as
+    in `read_train_csv`, rows listing no image, unsafe ids, ids listed twice).
 
   Raises:
     CsvError: as `read_train_csv`.
   """
   clean, skipped, seen = {}, [], set()
   for line, row in _open_rows(path, ('landmark_id', 'images')):
-    landmark_id = _parse_landmark_id(row.get('landmark_id'))
+    landmark_id, reason = _parse_landmark_id(row.get('landmark_id'))
     if landmark_id is None:
-      skipped.append(SkippedRow(path, line, '',
-                                f'landmark_id {row.get("landmark_id")!r} is not a non-negative integer'))
+      skipped.append(SkippedRow(path, line, '', reason))
       continue
-    for raw_id in (row.get('images') or '').split():
+    image_ids = _listed_ids(row)
+    if not image_ids:
+      skipped.append(SkippedRow(path, line, '', 'no images listed'))
+    for raw_id in image_ids:
       image_id = _check_id(path, line, raw_id, seen, skipped)
       if image_id is not None:
         clean[image_id] = landmark_id
