@@ -41,10 +41,10 @@ bench: demo
 	  $(BIN)/python bench/bench_input_pipeline.py --records_dir=records/landmarks_real; fi
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow' -q
+	$(BIN)/python -m pytest -m 'not slow' -q -n 2
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RECORDS) .pytest_cache

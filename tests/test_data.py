@@ -2,6 +2,7 @@
 class balancing, MixUp, and sharding under a real MirroredStrategy."""
 
 import collections
+import dataclasses
 import io
 import os
 import subprocess
@@ -15,40 +16,36 @@ import tensorflow as tf
 from PIL import Image
 
 from tf_landmarks import data
-from tf_landmarks import schema
-from conftest import REPO
+from tf_landmarks import records
+from tf_landmarks.models import backbones
+from helpers import REPO, flat_jpeg, write_records
 
 COUNTS = [20, 10, 5, 3, 2]  # Very imbalanced: 40 examples of 5 classes.
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230)]
 
 
-def _jpeg(colour, width=80, height=60):
-  buffer = io.BytesIO()
-  Image.new('RGB', (width, height), colour).save(buffer, format='JPEG', quality=95)
-  return buffer.getvalue()
-
-
 @pytest.fixture(scope='module')
 def shards(tmp_path_factory):
-  """Three train shards; every image is a flat colour identifying its class."""
-  root = tmp_path_factory.mktemp('shards')
+  """A records folder with three train shards; every image is a flat colour identifying its class."""
+  root = tmp_path_factory.mktemp('shards') / 'records'
   examples = [(f'id{label}_{k:02d}', label) for label, count in enumerate(COUNTS)
               for k in range(count)]
   np.random.default_rng(0).shuffle(examples)
-  for shard in range(3):
-    with tf.io.TFRecordWriter(str(root / f'train-{shard:05d}-of-00003')) as writer:
-      for image_id, label in examples[shard::3]:
-        writer.write(schema.make_example(image_id, _jpeg(COLOURS[label]), 60, 80, label,
-                                         1000 + label).SerializeToString())
-  (root / 'label_map.csv').write_text('label,landmark_id,num_images\n' + ''.join(
-      f'{label},{1000 + label},{count}\n' for label, count in enumerate(COUNTS)))
+  write_records(root, {'train': [(i, flat_jpeg(COLOURS[label]), label) for i, label in examples]},
+                COUNTS, shards_per_split=3)
   return root, sorted(examples)
+
+
+def _dataset(root, training, **kwargs):
+  """make_dataset on the train split; InputConfig fields may be given as keywords."""
+  fields = {f.name for f in dataclasses.fields(data.InputConfig)}
+  config = data.InputConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+  return data.make_dataset(str(root), 'train', training=training, config=config, **kwargs)
 
 
 def test_eval_returns_every_example_once_in_fixed_order(shards):
   root, examples = shards
-  dataset = data.make_dataset(str(root / 'train-*'), training=False, batch_size=7, image_size=32,
-                              with_ids=True)
+  dataset = _dataset(root, False, batch_size=7, image_size=32, with_ids=True)
   batches = list(dataset)
   ids = [i.decode() for _, _, batch_ids in batches for i in batch_ids.numpy()]
   labels = [int(l) for _, batch_labels, _ in batches for l in batch_labels.numpy()]
@@ -63,11 +60,10 @@ def test_eval_returns_every_example_once_in_fixed_order(shards):
 
 def test_eval_pixels_are_resnet_preprocessed_class_colours(shards):
   root, _ = shards
-  images, labels = next(iter(data.make_dataset(str(root / 'train-*'), training=False,
-                                               batch_size=40, image_size=16)))
+  images, labels = next(iter(_dataset(root, False, batch_size=40, image_size=32)))
   for image, label in zip(images.numpy(), labels.numpy()):
     expected = keras.applications.resnet50.preprocess_input(
-        np.full((16, 16, 3), COLOURS[label], np.float32))
+        np.full((32, 32, 3), COLOURS[label], np.float32))
     assert np.abs(image - expected).max() < 6  # JPEG tolerance.
 
 
@@ -75,28 +71,36 @@ def test_backbone_none_gives_uint8_that_the_model_preprocesses_identically(shard
   # The accelerator setting: uint8 batches, preprocessing in the model, same numbers in the end.
   root, _ = shards
   for training in (False, True):
-    settings = dict(training=training, batch_size=8, image_size=24, seed=3, deterministic=True)
-    raw, _ = next(iter(data.make_dataset(str(root / 'train-*'), backbone=None, **settings)))
-    ready, _ = next(iter(data.make_dataset(str(root / 'train-*'), backbone='vgg16', **settings)))
+    settings = dict(batch_size=8, image_size=32, seed=3, deterministic=True)
+    raw, _ = next(iter(_dataset(root, training, backbone=None, **settings)))
+    ready, _ = next(iter(_dataset(root, training, backbone='vgg16', **settings)))
     assert raw.dtype == tf.uint8 and ready.dtype == tf.float32
-    np.testing.assert_allclose(data.preprocess(raw, 'vgg16').numpy(), ready.numpy(), atol=1e-4)
+    np.testing.assert_allclose(backbones.preprocess(raw, 'vgg16').numpy(), ready.numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize('backbone,reference', [
     ('resnet50', keras.applications.resnet50.preprocess_input),
     ('vgg16', keras.applications.vgg16.preprocess_input),
-    ('mobilenet_v2', keras.applications.mobilenet_v2.preprocess_input),
+    ('tiny', keras.applications.mobilenet_v2.preprocess_input),  # Keras's 'tf' mode: [-1, 1].
 ])
 def test_preprocess_matches_keras_applications(backbone, reference):
   images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
-  np.testing.assert_allclose(data.preprocess(tf.constant(images), backbone).numpy(),
+  np.testing.assert_allclose(backbones.preprocess(tf.constant(images), backbone).numpy(),
                              reference(images.copy()), atol=1e-4)
 
 
+def test_unknown_backbone_is_an_error_listing_the_valid_names(shards):
+  with pytest.raises(ValueError, match="unknown backbone 'resnet_50'; choose one of vgg16, resnet50"):
+    backbones.preprocess(tf.zeros([1, 4, 4, 3]), 'resnet_50')
+  root, _ = shards
+  with pytest.raises(ValueError, match='resnet_50'):
+    _dataset(root, False, batch_size=2, backbone='resnet_50')
+
+
 def _take_training(root, batches, **kwargs):
-  settings = dict(training=True, batch_size=8, image_size=32, seed=5, deterministic=True)
+  settings = dict(batch_size=8, image_size=32, seed=5, deterministic=True)
   settings.update(kwargs)
-  dataset = data.make_dataset(str(root / 'train-*'), **settings)
+  dataset = _dataset(root, True, **settings)
   return [tuple(t.numpy() for t in batch) for batch in dataset.take(batches)]
 
 
@@ -113,7 +117,7 @@ def test_deterministic_training_repeats_exactly(shards):
 @pytest.mark.parametrize('augmentation', list(data.Augmentation))
 def test_every_augmentation_keeps_shape_and_class_colour(shards, augmentation):
   root, _ = shards
-  for images, labels in _take_training(root, 2, augmentation=augmentation, backbone='other'):
+  for images, labels in _take_training(root, 2, augmentation=augmentation, backbone='tiny'):
     assert images.shape == (8, 32, 32, 3) and labels.shape == (8,)
     assert -1.0 <= images.min() and images.max() <= 1.0
     for image, label in zip(images, labels):
@@ -122,32 +126,73 @@ def test_every_augmentation_keeps_shape_and_class_colour(shards, augmentation):
       assert np.abs(image.mean(axis=(0, 1)) - expected).max() < 0.1
 
 
-def test_inception_crop_changes_pixels_of_structured_images(tmp_path):
-  gradient = np.tile(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (64, 1, 3))
+@pytest.fixture(scope='module')
+def structured(tmp_path_factory):
+  """One 96×64 image of random blocks: every crop, shift or rotation changes its pixels."""
+  blocks = np.random.default_rng(7).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+  image = np.kron(blocks, np.ones((8, 8, 1), np.uint8))
   buffer = io.BytesIO()
-  Image.fromarray(gradient).save(buffer, format='JPEG', quality=95)
-  with tf.io.TFRecordWriter(str(tmp_path / 'train-00000-of-00001')) as writer:
-    writer.write(schema.make_example('g', buffer.getvalue(), 64, 96, 0, 1).SerializeToString())
-  crops = _take_training(tmp_path, 2, batch_size=4, backbone='other')
-  flat = np.concatenate([images for images, _ in crops])
-  assert len({round(float(image[:, 0].mean()), 2) for image in flat}) > 1
+  Image.fromarray(image).save(buffer, format='JPEG', quality=95)
+  root = tmp_path_factory.mktemp('structured') / 'records'
+  return write_records(root, {'train': [('g', buffer.getvalue(), 0)]}, [1])
 
 
-def test_keras_layers_and_mixup(shards):
+def _train_images(root, **kwargs):
+  settings = dict(batch_size=8, image_size=32, seed=5, deterministic=True, backbone=None)
+  settings.update(kwargs)
+  return np.concatenate([images for images, _ in _take_training(root, 2, **settings)])
+
+
+def _eval_crop(root):
+  images, _ = next(iter(_dataset(root, False, batch_size=1, image_size=32, backbone=None)))
+  return images.numpy()[0].astype(float)
+
+
+@pytest.mark.parametrize('augmentation', [data.Augmentation.INCEPTION_CROP,
+                                          data.Augmentation.RESIZE_CROP])
+def test_random_crops_differ_from_the_evaluation_crop(structured, augmentation):
+  # Every training image is the crop, maybe mirrored; a random crop must differ from the fixed
+  # evaluation crop and its mirror image for most elements, and from element to element.
+  evaluation = _eval_crop(structured)
+  crops = _train_images(structured, augmentation=augmentation).astype(float)
+  distance = np.array([min(np.abs(crop - evaluation).mean(), np.abs(crop[:, ::-1] - evaluation).mean())
+                       for crop in crops])
+  assert (distance > 8).mean() > 0.5, distance
+  assert len({crop.tobytes() for crop in crops}) > 4
+  none = _train_images(structured, augmentation=data.Augmentation.NONE).astype(float)
+  assert all(min(np.abs(c - evaluation).mean(), np.abs(c[:, ::-1] - evaluation).mean()) < 1
+             for c in none)
+
+
+@pytest.mark.parametrize('layer', ['shift_rotate', 'randaugment'])
+def test_batch_augmentation_layers_change_the_pixels(structured, layer):
+  plain = _train_images(structured, augmentation=data.Augmentation.NONE).astype(float)
+  augmented = _train_images(structured, augmentation=data.Augmentation.NONE,
+                            **{layer: True}).astype(float)
+  assert augmented.shape == plain.shape
+  changed = np.abs(augmented - plain).mean(axis=(1, 2, 3))
+  assert (changed > 3).sum() >= 4, changed  # Most of the 16 images moved or changed colour.
+
+
+def test_mixup_mixes_images_and_labels_of_two_classes(shards):
   root, _ = shards
-  for images, labels in _take_training(root, 2, shift_rotate=True, randaugment=True,
-                                       mixup_alpha=0.4, num_classes=5, deterministic=False):
-    assert images.shape == (8, 32, 32, 3) and np.isfinite(images).all()
-    assert labels.shape == (8, 5) and labels.dtype == np.float32
-    np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
-  with pytest.raises(ValueError, match='num_classes'):
-    data.make_dataset(str(root / 'train-*'), training=True, batch_size=8, mixup_alpha=0.2)
+  images, labels = _take_training(root, 1, batch_size=16, mixup_alpha=1.0, backbone=None,
+                                  augmentation=data.Augmentation.NONE, image_size=32)[0]
+  assert labels.shape == (16, 5) and labels.dtype == np.float32
+  np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
+  mixed = (labels > 0.05).sum(axis=1) == 2
+  # Plain one-hot labels would give no mixed row; pairs of one class (half the data is class 0)
+  # stay one-hot, so about half the rows mix two classes.
+  assert mixed.sum() >= 4, labels
+  # Each image is the same mixture of its two flat class colours as its label says.
+  for image, label in zip(images[mixed], labels[mixed]):
+    expected = (label[:, None] * np.array(COLOURS, float)).sum(axis=0)
+    assert np.abs(image.astype(float).mean(axis=(0, 1)) - expected).max() < 8
 
 
 def _class_frequencies(root, balance):
-  counts = data.read_class_counts(str(root))
   labels = np.concatenate([labels for _, labels in _take_training(
-      root, 250, batch_size=16, image_size=8, class_counts=counts, class_balance=balance,
+      root, 250, batch_size=16, image_size=32, class_balance=balance,
       deterministic=False, augmentation=data.Augmentation.NONE)])
   frequency = collections.Counter(labels.tolist())
   return np.array([frequency[c] for c in range(5)]) / len(labels)
@@ -155,7 +200,7 @@ def _class_frequencies(root, balance):
 
 def test_class_balance_zero_is_uniform_and_one_is_natural(shards):
   root, _ = shards
-  assert data.read_class_counts(str(root)) == COUNTS
+  assert records.load(str(root)).class_counts == tuple(COUNTS)
   np.testing.assert_allclose(_class_frequencies(root, 0.0), 0.2, atol=0.04)
   np.testing.assert_allclose(_class_frequencies(root, 1.0), np.array(COUNTS) / 40, atol=0.04)
   half = _class_frequencies(root, 0.5)
@@ -169,13 +214,16 @@ def test_balancing_weights_keep_epoch_size():
   np.testing.assert_allclose(weights * np.array(COUNTS), 8.0)
 
 
-def test_errors_are_clear(tmp_path):
-  with pytest.raises(ValueError, match='no files match'):
-    data.make_dataset(str(tmp_path / 'nothing-*'), training=False, batch_size=1)
-  with pytest.raises(ValueError):
-    data.make_dataset(str(tmp_path / 'nothing-*'), training=True, batch_size=1, augmentation='zoom')
-  with pytest.raises(ValueError, match='class_counts'):
-    data.make_dataset(str(tmp_path / 'x'), training=True, batch_size=1, class_balance=0.5)
+def test_errors_are_clear(shards, tmp_path):
+  root, _ = shards
+  with pytest.raises(records.RecordsError, match='is not a record build'):
+    data.make_dataset(str(tmp_path), 'train', training=False, batch_size=1)
+  with pytest.raises(ValueError, match="'zoom' is not a valid Augmentation"):
+    _dataset(root, True, batch_size=1, augmentation='zoom')
+  with pytest.raises(records.RecordsError, match='the validation split of .* is empty'):
+    data.make_dataset(str(root), 'validation', training=False, batch_size=1)
+  with pytest.raises(records.RecordsError, match="unknown split 'dev'"):
+    data.make_dataset(str(root), 'dev', training=False, batch_size=1)
 
 
 def test_mirrored_strategy_two_replicas_each_get_their_share(shards):
@@ -188,8 +236,9 @@ def test_mirrored_strategy_two_replicas_each_get_their_share(shards):
       from tf_landmarks import data
       strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
       def dataset_fn(context):
-        return data.make_dataset({str(root / 'train-*')!r}, training=True, batch_size=8,
-                                 image_size=16, seed=1, input_context=context)
+        return data.make_dataset({str(root)!r}, 'train', training=True, batch_size=8,
+                                 config=data.InputConfig(image_size=32), seed=1,
+                                 input_context=context)
       dataset = strategy.distribute_datasets_from_function(dataset_fn)
       images, labels = next(iter(dataset))
       shapes = [tuple(t.shape) for t in strategy.experimental_local_results(images)]
@@ -198,4 +247,4 @@ def test_mirrored_strategy_two_replicas_each_get_their_share(shards):
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO,
                           timeout=180, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'SHAPES [(4, 16, 16, 3), (4, 16, 16, 3)] 2' in result.stdout
+  assert 'SHAPES [(4, 32, 32, 3), (4, 32, 32, 3)] 2' in result.stdout

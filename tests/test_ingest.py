@@ -14,48 +14,11 @@ from PIL import Image
 
 from tf_landmarks import ingest
 from tf_landmarks import images
+from tf_landmarks import records
 from tf_landmarks import schema
 from tf_landmarks.splits import Singletons
-from conftest import REAL_DATA, REPO, jpeg_bytes, requires_real_data
-
-
-def read_split(output_dir, split):
-  """All examples of a split as a dict id → parsed numpy fields (decoded image under 'pixels')."""
-  files = sorted(tf.io.gfile.glob(os.path.join(output_dir, f'{split}-*-of-*')))
-  examples = {}
-  for record in tf.data.TFRecordDataset(files):
-    parsed = {k: v.numpy() for k, v in schema.parse_example(record).items()}
-    parsed['pixels'] = tf.io.decode_jpeg(parsed[schema.ENCODED]).numpy()
-    examples[parsed[schema.ID].decode()] = parsed
-  return examples
-
-
-def write_dataset(root, rows, extra_files=None, sizes=None):
-  """Writes images/<id>.jpg for every (id, landmark_id) row and a train.csv listing them."""
-  image_dir = root / 'images'
-  image_dir.mkdir(parents=True, exist_ok=True)
-  for index, (image_id, _) in enumerate(rows):
-    width, height = (sizes or {}).get(image_id, (96, 72))
-    (image_dir / f'{image_id}.jpg').write_bytes(jpeg_bytes(width, height, seed=index))
-  for name, data in (extra_files or {}).items():
-    (image_dir / name).write_bytes(data)
-  with open(root / 'train.csv', 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['id', 'url', 'landmark_id'])
-    for image_id, landmark_id in rows:
-      writer.writerow([image_id, f'http://example.invalid/{image_id}.jpg', landmark_id])
-  return image_dir
-
-
-def config_for(root, **overrides):
-  settings = dict(output_dir=str(root / 'records'), train_csv=str(root / 'train.csv'),
-                  image_dir=str(root / 'images'), validation_fraction=0.25, max_image_size=64,
-                  examples_per_shard=7, num_workers=1, progress=False)
-  settings.update(overrides)
-  return ingest.BuildConfig(**settings)
-
-
-GOOD_ROWS = [(f'good{i:02d}', 100 + i % 3) for i in range(18)]
+from helpers import (GOOD_ROWS, REAL_DATA, REPO, config_for, jpeg_bytes, read_split,
+                     requires_real_data, write_dataset)
 
 
 def test_planted_bad_rows_leave_exactly_the_good_rows(tmp_path):
@@ -80,7 +43,7 @@ def test_planted_bad_rows_leave_exactly_the_good_rows(tmp_path):
       'missing image file': 1, 'duplicate id': 1, "landmark_id 'None' is not a non-negative integer": 1,
       'unsafe id': 1, 'empty id': 1}
   assert manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples'] == 18
-  assert not tf.io.gfile.exists(os.path.join(manifest['config']['output_dir'], ingest.STAGING))
+  assert not tf.io.gfile.exists(os.path.join(manifest['config']['output_dir'], records.STAGING))
 
 
 def test_round_trip_ids_labels_and_pixels(tmp_path):
@@ -108,7 +71,7 @@ def test_round_trip_ids_labels_and_pixels(tmp_path):
 
 def test_resize_on_ingest_and_nested_delf_layout(tmp_path):
   rows = [('abcdef01', 1), ('abcdef02', 1), ('bcdef003', 2)]
-  image_dir = write_dataset(tmp_path, rows, sizes={'abcdef01': (400, 100)})
+  image_dir = write_dataset(tmp_path, rows, sizes={'abcdef01': (400, 200)})
   nested = image_dir / 'a' / 'b' / 'c'
   nested.mkdir(parents=True)
   (image_dir / 'abcdef01.jpg').rename(nested / 'abcdef01.jpg')
@@ -116,7 +79,7 @@ def test_resize_on_ingest_and_nested_delf_layout(tmp_path):
                                                validation_fraction=0))['config']['output_dir']
   train = read_split(output_dir, 'train')
   assert sorted(train) == ['abcdef01', 'abcdef02', 'bcdef003']
-  assert train['abcdef01']['pixels'].shape == (16, 64, 3)
+  assert train['abcdef01']['pixels'].shape == (32, 64, 3)
 
 
 def test_test_split_and_singleton_duplicate_and_min_images(tmp_path):
@@ -269,7 +232,7 @@ def test_cli_reports_wrong_image_dir_and_builds_when_right(tmp_path):
   assert 'Traceback' not in wrong.stderr
   right = _run_cli(*common, f'--image_dir={tmp_path / "images"}', '--overwrite')
   assert right.returncode == 0, right.stderr
-  assert '3 classes' in right.stdout
+  assert 'classes: 3' in right.stdout
   assert json.load(open(tmp_path / 'out' / 'manifest.json'))['num_classes'] == 3
 
 

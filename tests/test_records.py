@@ -1,13 +1,15 @@
-"""tfl-inspect-records: a finished build passes and shows a batch; broken builds fail with a message."""
+"""The records folder: load() and its checks, and tfl-inspect-records on good and broken builds."""
 
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tf_landmarks import ingest
-from conftest import REPO
-from test_ingest import GOOD_ROWS, config_for, write_dataset
+from tf_landmarks import records
+from helpers import GOOD_ROWS, REPO, config_for, write_dataset
 
 
 @pytest.fixture(scope='module')
@@ -16,6 +18,47 @@ def build(tmp_path_factory):
   write_dataset(root, GOOD_ROWS)
   ingest.build_records(config_for(root))
   return root / 'records'
+
+
+@pytest.fixture
+def copy(build, tmp_path):
+  """A copy of the finished build to damage."""
+  target = tmp_path / 'copy'
+  shutil.copytree(build, target)
+  return target
+
+
+def test_load_gives_what_readers_need(build):
+  loaded = records.load(str(build))
+  assert loaded.num_classes == 3 and loaded.landmark_ids == (100, 101, 102)
+  assert sum(loaded.class_counts) == loaded.num_examples('train')
+  assert loaded.max_image_size == 64
+  assert [os.path.basename(p) for p in loaded.files('train')] == [
+      s['file'] for s in loaded.manifest['splits']['train']['shards']]
+  records.verify(loaded)
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda d: (d / 'manifest.json').write_text('{}'), "not a manifest this version reads"),
+    (lambda d: (d / 'manifest.json').write_text('{"format": "tf-landmarks records v1"}'),
+     'incomplete or damaged'),
+    (lambda d: (d / 'manifest.json').write_text('[1, 2'), 'is not valid JSON'),
+    (lambda d: (d / 'label_map.csv').unlink(), 'label_map.csv is missing'),
+    (lambda d: (d / 'label_map.csv').write_text('a,b\n1,2\n'), 'malformed: the header'),
+    (lambda d: (d / 'label_map.csv').write_text('label,landmark_id,num_images\n0,x,1\n'),
+     'malformed near line 2'),
+    (lambda d: (d / 'label_map.csv').write_text('label,landmark_id,num_images\n1,100,3\n'),
+     'must list labels 0..0'),
+    (lambda d: (d / 'label_map.csv').write_text('label,landmark_id,num_images\n0,100,3\n'),
+     'lists 1 classes, the manifest 3'),
+])
+def test_damaged_builds_are_clear_errors(copy, damage, message):
+  damage(copy)
+  with pytest.raises(records.RecordsError, match=message):
+    records.load(str(copy))
+  result = _inspect(copy)
+  assert result.returncode == 2 and message.split(':')[0] in result.stderr.replace('\\', '')
+  assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def _inspect(records_dir, *args):
@@ -48,3 +91,14 @@ def test_missing_manifest_and_truncated_shard_are_reported_without_traceback(bui
   assert 'is corrupt or truncated (truncated record at' in truncated.stderr
   assert 'function_node' not in truncated.stderr
   assert 'Traceback' not in truncated.stderr
+
+
+def test_noverify_on_a_corrupt_shard_names_the_shard(copy):
+  shard = sorted(copy.glob('train-*-of-*'))[0]
+  data = bytearray(shard.read_bytes())
+  data[40:60] = b'x' * 20  # Inside the first record: its CRC no longer matches.
+  shard.write_bytes(bytes(data))
+  result = _inspect(copy, '--noverify')
+  assert result.returncode == 2, result.stdout
+  assert f'{shard} is corrupt or truncated' in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -1,9 +1,13 @@
 """The Example layout: make/parse round trip and compatibility with DELF's keys."""
 
+import os
+import subprocess
+import sys
+
 import tensorflow as tf
 
 from tf_landmarks import schema
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 
 
 def test_make_then_parse_round_trips_every_field():
@@ -44,3 +48,15 @@ def test_keys_are_delf_build_image_dataset_keys():
                'image/class/label', 'image/format', 'image/id', 'image/encoded'}
   example = schema.make_example('a', b'x', 1, 1, 0, 5)
   assert set(example.features.feature) == delf_keys | {'landmark_id'}
+
+
+def test_serialized_examples_are_byte_identical_across_processes():
+  # Protobuf map order varies between processes; shards of a resumed build must not.
+  script = ('from tf_landmarks import schema; import sys; '
+            'sys.stdout.buffer.write(schema.serialize_example("abc", b"\\xff\\xd8", 2, 3, 1, 7))')
+  outputs = {subprocess.run([sys.executable, '-c', script], capture_output=True, check=True,
+                            env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout
+             for seed in range(4)}
+  assert len(outputs) == 1
+  parsed = schema.parse_example(tf.constant(outputs.pop()))
+  assert parsed[schema.ID].numpy() == b'abc' and int(parsed[schema.LANDMARK_ID]) == 7

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tf_landmarks import synthetic
-from conftest import REPO
+from helpers import REPO
 
 SMALL = synthetic.WorldSpec(seed=3, num_landmarks=10, num_unseen_landmarks=3, num_train_images=60,
                             num_test_images=30, image_size=96)

@@ -10,8 +10,8 @@ to another thread, which cost ~10% of the throughput on 256-px images (bench/ben
 
 Images stay uint8 until the batch: a float32 224-px image is 600 KB, and on these 2 cores merely casting
 a batch to float costs ~0.4 ms per image, as much as decoding it (BUILD_NOTES.md). With `backbone=None`
-the pipeline stops at uint8 and the model applies `preprocess` itself, on the accelerator, which also
-makes the host → device copy 4× smaller: the setting for GPU and TPU training.
+the pipeline stops at uint8 and the model applies `models.backbones.preprocess` itself, on the
+accelerator, which also makes the host → device copy 4× smaller: the setting for GPU and TPU training.
 
 Evaluation reads the shards in file order, decodes, resizes the short side to `image_size / 0.875` and
 takes the central `image_size` square (the usual ImageNet evaluation crop), with no randomness, so each
@@ -22,22 +22,20 @@ Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the
 [B, num_classes]. With `with_ids=True` batches are `(images, labels, ids)`, ids a string [B] tensor.
 """
 
+import dataclasses
 import enum
 import random
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_landmarks import inspect_records
+from tf_landmarks import records as records_lib
 from tf_landmarks import schema
+from tf_landmarks.models import backbones
+from tf_landmarks.settings import setting
 
-# VGG16 and ResNet50 were trained on Caffe-style inputs: BGR, ImageNet channel means subtracted, no
-# scaling (keras.applications.{vgg16,resnet50}.preprocess_input). Every other backbone we use expects
-# [-1, 1] (mode 'tf' of keras.applications.imagenet_utils).
-CAFFE_BACKBONES = frozenset({'vgg16', 'resnet50'})
-_CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
 _EVAL_CROP_FRACTION = 0.875
 
 
@@ -48,21 +46,25 @@ class Augmentation(str, enum.Enum):
   NONE = 'none'  # The evaluation crop.
 
 
-def preprocess(images: tf.Tensor, backbone: str) -> tf.Tensor:
-  """Maps RGB images in [0, 255] (any dtype) to float32 as `backbone` was trained (CAFFE_BACKBONES)."""
-  images = tf.cast(images, tf.float32)
-  if backbone in CAFFE_BACKBONES:
-    # tf.reverse, not images[..., ::-1]: the negative-stride slice is 3× slower on CPU (measured).
-    return tf.reverse(images, axis=[-1]) - tf.constant(_CAFFE_BGR_MEANS, tf.float32)
-  return images / 127.5 - 1.0
-
-
-def read_class_counts(records_dir: str) -> list[int]:
-  """Training images per label, from `label_map.csv` of a record build (index = label)."""
-  rows = sorted(inspect_records.read_label_map(records_dir), key=lambda row: row['label'])
-  if [row['label'] for row in rows] != list(range(len(rows))):
-    raise ValueError(f'{records_dir}/label_map.csv does not list labels 0..{len(rows) - 1}')
-  return [row['num_images'] for row in rows]
+@dataclasses.dataclass
+class InputConfig:
+  """How images are sized, augmented and sampled; shared by every command that reads records."""
+  image_size: int = setting(224, 'Side of the square images fed to the model, pixels.', lower=32,
+                            upper=1024)
+  augmentation: Augmentation = setting(
+      Augmentation.INCEPTION_CROP, 'Training crop: inception_crop (random area 8-100%, aspect '
+      '3/4-4/3), resize_crop (short side to size*256/224, random crop) or none (the central '
+      'evaluation crop).')
+  shift_rotate: bool = setting(False, 'Also shift (±10%) and rotate (±18°) training batches '
+                               '(Keras RandomTranslation, RandomRotation).')
+  randaugment: bool = setting(False, 'Also apply Keras RandAugment (2 ops, factor 0.5) to training '
+                              'batches.')
+  mixup_alpha: float = setting(0.0, 'MixUp alpha for training batches; 0 turns MixUp off (labels '
+                               'become one-hot mixtures when on).', lower=0.0)
+  class_balance: float = setting(
+      1.0, 'Training classes are drawn proportionally to n_c^class_balance: 1 keeps the natural '
+      'distribution, 0 makes classes uniform, 0.5 is in between.', lower=0.0, upper=1.0)
+  shuffle_buffer: int = setting(4096, 'Examples in the training shuffle buffer.', lower=1)
 
 
 def balancing_weights(class_counts: Sequence[int], power: float) -> np.ndarray:
@@ -135,12 +137,9 @@ def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
   return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
 
 
-def _read_records(file_pattern: str, training: bool, seed: Optional[int],
+def _read_records(files: Sequence[str], training: bool, seed: Optional[int],
                   input_context: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
-  files = sorted(tf.io.gfile.glob(file_pattern))
-  if not files:
-    raise ValueError(f'no files match {file_pattern!r}; build shards with tfl-build-records')
-  dataset = tf.data.Dataset.from_tensor_slices(files)
+  dataset = tf.data.Dataset.from_tensor_slices(list(files))
   shard_records = False
   if input_context and input_context.num_input_pipelines > 1:
     if len(files) >= input_context.num_input_pipelines:
@@ -158,32 +157,22 @@ def _read_records(file_pattern: str, training: bool, seed: Optional[int],
   return records
 
 
-def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size: int = 224,
-                 backbone: Optional[str] = 'resnet50',
-                 augmentation: Augmentation = Augmentation.INCEPTION_CROP,
-                 shift_rotate: bool = False, randaugment: bool = False,
-                 mixup_alpha: float = 0.0, num_classes: Optional[int] = None,
-                 class_counts: Optional[Sequence[int]] = None, class_balance: float = 1.0,
-                 shuffle_buffer: int = 4096, seed: Optional[int] = None,
+def make_dataset(source: Union[str, records_lib.Records], split: str, *, training: bool,
+                 batch_size: int, config: Optional[InputConfig] = None,
+                 backbone: Optional[str] = 'resnet50', seed: Optional[int] = None,
                  deterministic: bool = False, with_ids: bool = False,
                  input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
-  """Batches of preprocessed images and labels from TFRecord shards (see the module docstring).
+  """Batches of preprocessed images and labels from a records folder (see the module docstring).
 
   Args:
-    file_pattern: glob of shards, e.g. 'records/gld/train-*' (any tf.io.gfile path).
+    source: a finished records folder (any tf.io.gfile path) or its `records.load` result, which
+      supplies the shards, the number of classes and the class counts.
+    split: 'train', 'validation' or 'test'.
     training: shuffle, repeat forever, balance classes and augment; otherwise one ordered pass.
     batch_size: global batch size; with `input_context` each replica gets its share.
-    image_size: side of the square output images.
-    backbone: selects the preprocessing (`preprocess`); None leaves images uint8 in [0, 255] for the
-      model to preprocess on the accelerator (see the module docstring).
-    augmentation: the training crop.
-    shift_rotate: also apply Keras RandomTranslation(±10%) and RandomRotation(±18°) on batches.
-    randaugment: also apply Keras RandAugment (2 ops, factor 0.5) on batches.
-    mixup_alpha: > 0 applies Keras MixUp with this alpha; labels become one-hot mixtures.
-    num_classes: needed with MixUp (label width).
-    class_counts: training images per label (`read_class_counts`), needed for `class_balance` ≠ 1.
-    class_balance: classes are drawn ∝ n_c^class_balance: 1 natural, 0 uniform, 0.5 in between.
-    shuffle_buffer: examples in the shuffle buffer.
+    config: image size, augmentation and sampling (`InputConfig` defaults if None).
+    backbone: selects the preprocessing (`models.backbones.preprocess`); None leaves images uint8
+      in [0, 255] for the model to preprocess on the accelerator (see the module docstring).
     seed: makes shuffling, balancing and augmentation repeatable.
     deterministic: fixed element order (slower); with a seed, two runs give identical batches.
     with_ids: also return the image ids.
@@ -193,32 +182,38 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
     A dataset of `(images, labels)` or `(images, labels, ids)` batches.
 
   Raises:
-    ValueError: no file matches, or inconsistent arguments.
+    records.RecordsError: the folder is not a finished build, or the split is empty.
+    ValueError: inconsistent arguments, or an unknown backbone or augmentation.
   """
-  augmentation = Augmentation(augmentation)
-  if mixup_alpha > 0 and not num_classes:
-    raise ValueError('MixUp needs num_classes (labels become one-hot mixtures)')
-  if class_balance != 1.0 and class_counts is None:
-    raise ValueError('class_balance needs class_counts (see read_class_counts)')
-  if not 0.0 <= class_balance <= 1.0:
-    raise ValueError(f'class_balance must be in [0, 1], got {class_balance}')
+  config = config or InputConfig()
+  records = source if isinstance(source, records_lib.Records) else records_lib.load(source)
+  augmentation = Augmentation(config.augmentation)
+  if backbone is not None:
+    backbones.get(backbone)  # Fails now, listing the valid names, rather than inside a map.
+  if not 0.0 <= config.class_balance <= 1.0:
+    raise ValueError(f'class_balance must be in [0, 1], got {config.class_balance}')
   if deterministic and seed is None:
     raise ValueError('deterministic=True needs a seed')
+  files = records.files(split)
+  if not files:
+    raise records_lib.RecordsError(f'the {split} split of {records.path} is empty')
   if input_context:
     batch_size = input_context.get_per_replica_batch_size(batch_size)
+  image_size = config.image_size
 
-  records = _read_records(file_pattern, training, seed, input_context)
+  serialized = _read_records(files, training, seed, input_context)
   if training:
     # Stateless randomness seeded by (run seed, element index): repeatable given `seed`, different
     # for every element, and cheaper than zipping in a random dataset.
     run_seed = seed if seed is not None else random.SystemRandom().randrange(1 << 62)
     # Repeat first, so that every draw below has its own element index (shard order is reshuffled
     # each epoch); the shuffle then mixes across epoch boundaries, which an endless loop never sees.
-    records = records.repeat()
-    if class_counts is not None and class_balance != 1.0:
+    serialized = serialized.repeat()
+    if config.class_balance != 1.0:
       # Balancing draws from its own stream: its index counts records before shuffling.
-      records = _balance(records, balancing_weights(class_counts, class_balance), run_seed ^ 0x5EED)
-    records = records.shuffle(shuffle_buffer, seed=seed)
+      serialized = _balance(serialized, balancing_weights(records.class_counts,
+                                                          config.class_balance), run_seed ^ 0x5EED)
+    serialized = serialized.shuffle(config.shuffle_buffer, seed=seed)
 
     def train_element(index, record):
       example = schema.parse_example(record)
@@ -226,7 +221,7 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
       return (_train_image(example[schema.ENCODED], element_seed, image_size, augmentation),
               tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
 
-    dataset = records.enumerate().map(train_element, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = serialized.enumerate().map(train_element, num_parallel_calls=tf.data.AUTOTUNE)
   else:
 
     def eval_element(record):
@@ -234,16 +229,18 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
       return (_eval_image(example[schema.ENCODED], image_size),
               tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
 
-    dataset = records.map(eval_element, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = serialized.map(eval_element, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
 
   layers = []
-  if training and shift_rotate:
+  if training and config.shift_rotate:
     layers += [keras.layers.RandomTranslation(0.1, 0.1, fill_mode='reflect', seed=seed),
                keras.layers.RandomRotation(0.05, fill_mode='reflect', seed=seed)]
-  if training and randaugment:
+  if training and config.randaugment:
     layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed))
-  mixup = keras.layers.MixUp(alpha=mixup_alpha, seed=seed) if training and mixup_alpha > 0 else None
+  mixup = (keras.layers.MixUp(alpha=config.mixup_alpha, seed=seed)
+           if training and config.mixup_alpha > 0 else None)
+  num_classes = records.num_classes
 
   def finish(images, labels, ids):
     if layers or mixup is not None:
@@ -255,7 +252,7 @@ def make_dataset(file_pattern: str, training: bool, batch_size: int, image_size:
         images, labels = mixed['images'], mixed['labels']
       images = tf.saturate_cast(tf.round(images), tf.uint8)  # Also clips interpolation overshoot.
     if backbone is not None:
-      images = preprocess(images, backbone)
+      images = backbones.preprocess(images, backbone)
     return (images, labels, ids) if with_ids else (images, labels)
 
   dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)

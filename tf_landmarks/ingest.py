@@ -15,15 +15,17 @@ The build runs in two phases so that the split sees only images that could actua
 """
 
 import collections
-import concurrent.futures
+import ctypes
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import multiprocessing
 import os
 import posixpath
 import random
+import signal
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import tensorflow as tf
@@ -31,15 +33,15 @@ import tqdm
 
 from tf_landmarks import csv_io
 from tf_landmarks import download
+from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images
+from tf_landmarks import records
 from tf_landmarks import schema
+from tf_landmarks import settings
 from tf_landmarks import splits
+from tf_landmarks.settings import setting
 
-SPLIT_NAMES = ('train', 'validation', 'test')
-MANIFEST = 'manifest.json'
-LABEL_MAP = 'label_map.csv'
-STAGING = '.staging'
 _FINGERPRINT = 'fingerprint.json'
 _STAGING_FORMAT = 2  # 2: chunk-N.jpegs (concatenated JPEGs) + chunk-N.json with byte lengths.
 # Rows per staging chunk: large enough to amortise a file per chunk, small enough that a few thousand
@@ -47,65 +49,80 @@ _STAGING_FORMAT = 2  # 2: chunk-N.jpegs (concatenated JPEGs) + chunk-N.json with
 # chunks whatever --num_workers is.
 _MIN_CHUNK_SIZE, _MAX_CHUNK_SIZE = 16, 256
 _MIN_CHUNKS = 64
-_TFDS_FILES = ('dataset_info.json', 'features.json')
+_LOCK = '.lock'
 
 
-class BuildError(RuntimeError):
+class BuildError(errors.UserError):
   """The build cannot go on; the message tells the user what to change."""
 
 
 @dataclasses.dataclass
 class BuildConfig:
-  """Everything `build_records` needs; the CLI fills it from flags.
+  """Everything `build_records` needs; `tfl-build-records` defines one flag per field.
 
-  Attributes:
-    output_dir: folder for shards, label map, manifest and TFDS metadata.
-    train_csv: `id,url,landmark_id` CSV, optional if `train_clean_csv` is given.
-    test_csv: optional `id,url` CSV of unlabelled query images.
-    train_clean_csv: optional GLDv2 `landmark_id,images` CSV restricting train to its clean subset.
-    image_dir: folder with `<id>.jpg` or DELF's nested `a/b/c/<id>.jpg`; unused with `download`.
-    download: fetch the url column into `download_dir` instead of reading `image_dir`.
-    download_dir: download cache; defaults to `<output_dir>/downloads`.
-    download_threads: concurrent downloads.
-    download_timeout_s: per-request time limit.
-    download_max_bytes: largest accepted image file.
-    validation_fraction: share of each class's images sent to validation.
-    seed: seeds the split and the row order.
-    singletons: policy for single-image classes.
-    min_images_per_class: smaller classes are dropped.
-    max_image_size: long side after resizing (0 keeps the size).
-    jpeg_quality: quality of re-encoded JPEGs.
-    min_image_side: images with a shorter side below this are skipped.
-    examples_per_shard: target shard size.
-    num_workers: image-processing processes (1 runs in this process).
-    resume: continue an unfinished build in `output_dir`.
-    overwrite: replace a build already in `output_dir`.
-    keep_staging: keep the staging files after a successful build.
-    progress: show progress bars.
+  Fields marked `runtime` change how the build runs, not what it writes: they may differ between a
+  build and its `--resume`. Every other field is part of the build's fingerprint.
   """
-  output_dir: str = 'records'
-  train_csv: Optional[str] = None
-  test_csv: Optional[str] = None
-  train_clean_csv: Optional[str] = None
-  image_dir: Optional[str] = None
-  download: bool = False
-  download_dir: Optional[str] = None
-  download_threads: int = 16
-  download_timeout_s: float = 30.0
-  download_max_bytes: int = 50 * 2**20
-  validation_fraction: float = 0.1
-  seed: int = 0
-  singletons: splits.Singletons = splits.Singletons.TRAIN
-  min_images_per_class: int = 1
-  max_image_size: int = 640
-  jpeg_quality: int = 90
-  min_image_side: int = images.MIN_IMAGE_SIDE
-  examples_per_shard: int = 1024
-  num_workers: int = 2
-  resume: bool = False
-  overwrite: bool = False
-  keep_staging: bool = False
-  progress: bool = True
+  output_dir: str = setting(
+      'records', 'Folder for shards, label_map.csv, manifest.json and TFDS metadata (any '
+      'tf.io.gfile path, e.g. gs://bucket/records/gld).', runtime=True)
+  train_csv: Optional[str] = setting(
+      None, 'Train CSV with columns id,url,landmark_id (url may be absent with --image_dir). Rows '
+      'with an unsafe, empty or duplicate id or a landmark_id that is not a non-negative integer '
+      'are skipped and listed in the manifest.')
+  test_csv: Optional[str] = setting(
+      None, 'Optional test CSV with columns id,url; its images become the unlabelled test split.')
+  train_clean_csv: Optional[str] = setting(
+      None, 'Optional GLDv2 train_clean.csv (landmark_id,images with space-separated ids): train is '
+      'restricted to this clean subset. May be given without --train_csv.')
+  image_dir: Optional[str] = setting(
+      None, "Folder with the images as <id>.jpg or in DELF's nested layout a/b/c/<id>.jpg (any "
+      'format Pillow reads, despite the .jpg name). Any tf.io.gfile path (gs://…) works.')
+  download: bool = setting(
+      False, 'Fetch the url column (http/https only) into --download_dir instead of reading '
+      '--image_dir. Finished downloads are reused by later runs.')
+  download_dir: Optional[str] = setting(
+      None, 'Download cache folder; default <output_dir>/downloads. Failures are listed in its '
+      'failures.csv.', runtime=True)
+  download_threads: int = setting(16, 'Concurrent downloads.', lower=1, runtime=True)
+  download_timeout_s: float = setting(
+      30.0, 'Time limit of one download attempt in seconds, connection, headers and body included.',
+      lower=0.1, runtime=True)
+  download_max_bytes: int = setting(50 * 2**20, 'Largest image file accepted, bytes.', lower=1)
+  download_allow_private_hosts: bool = setting(
+      False, 'Also fetch from loopback, private, link-local and other non-public addresses (refused '
+      'by default: a CSV could otherwise make the builder query internal services such as a cloud '
+      "VM's metadata server).", runtime=True)
+  validation_fraction: float = setting(
+      0.1, 'Share of each class sent to validation (stratified per class; every class keeps at '
+      'least one training image).', lower=0.0, upper=0.99)
+  seed: int = setting(0, 'Seed of the split and of the shard order.')
+  singletons: splits.Singletons = setting(
+      splits.Singletons.TRAIN, 'Classes with one image: "train" keeps it in train only; '
+      '"duplicate" also puts a distorted copy in validation; "drop" leaves the class out.')
+  min_images_per_class: int = setting(
+      1, 'Classes with fewer readable images are dropped (the manifest says how many).', lower=1)
+  max_image_size: int = setting(
+      640, 'Resize so that the long side is at most this many pixels (aspect kept, never '
+      'upscaled); 0 keeps the original size.', lower=0)
+  jpeg_quality: int = setting(90, 'JPEG quality of re-encoded images.', lower=1, upper=100)
+  min_image_side: int = setting(
+      images.MIN_IMAGE_SIDE, 'Images whose shorter side is smaller (before or after resizing) are '
+      'skipped.', lower=1)
+  max_file_bytes: int = setting(
+      images.MAX_FILE_BYTES, 'Largest image file read from --image_dir, bytes; larger files are skipped.',
+      lower=1)
+  examples_per_shard: int = setting(1024, 'Target number of examples per shard.', lower=1)
+  num_workers: int = setting(
+      2, 'Image-processing processes; 1 works in this process.', lower=1, runtime=True)
+  resume: bool = setting(
+      False, 'Continue an interrupted build in --output_dir, skipping finished work (the inputs and '
+      'settings must be the same).', runtime=True)
+  overwrite: bool = setting(
+      False, 'Delete a build already in --output_dir (only files a build writes).', runtime=True)
+  keep_staging: bool = setting(
+      False, 'Keep the intermediate .staging folder after a successful build.', runtime=True)
+  progress: bool = setting(True, 'Show progress bars.', runtime=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,31 +132,55 @@ class _Row:
   landmark_id: Optional[int]
 
 
-def _join(*parts: str) -> str:
-  # os.path.join would use '\\' on Windows, which gs:// paths must not get.
-  return posixpath.join(*parts) if '://' in parts[0] else os.path.join(*parts)
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-  """DELF's shard naming: `train-00003-of-00128`."""
-  return f'{split}-{index:05d}-of-{num_shards:05d}'
-
-
 def image_paths(image_dir: str, image_id: str) -> List[str]:
   """Where an image may be: `<dir>/<id>.jpg`, or DELF's nested `<dir>/a/b/c/<id>.jpg`."""
-  flat = _join(image_dir, f'{image_id}.jpg')
+  flat = files.join(image_dir, f'{image_id}.jpg')
   if len(image_id) < 3:
     return [flat]
-  return [flat, _join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
+  return [flat, files.join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
 
 
-def _own_files(output_dir: str) -> List[str]:
-  """Files in `output_dir` that a build writes (and `--overwrite` may delete)."""
-  names = [MANIFEST, LABEL_MAP, *_TFDS_FILES]
-  found = [_join(output_dir, name) for name in names if tf.io.gfile.exists(_join(output_dir, name))]
-  for split in SPLIT_NAMES:
-    found += tf.io.gfile.glob(_join(output_dir, f'{split}-*-of-*'))
-  return found
+def _lock_output_dir(output_dir: str):
+  """Holds an exclusive lock on a local `output_dir` for the build's lifetime.
+
+  Two builds (e.g. two `--resume` runs) writing the same staging chunks and shards would corrupt
+  each other. flock is released by the kernel when the process dies, however it dies, so a killed
+  build never leaves a stale lock. Remote folders (gs://) have no such lock: one build at a time is
+  then the user's responsibility.
+
+  Returns:
+    The open lock file (keep it open), or None for remote folders.
+  """
+  if files.is_remote(output_dir):
+    return None
+  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+  lock = open(files.join(output_dir, _LOCK), 'a')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as error:
+    lock.close()
+    if error.errno in (errno.EAGAIN, errno.EACCES):
+      raise BuildError(f'another tfl-build-records is writing to {output_dir}; wait for it to '
+                       'finish (or stop it) before running this one') from None
+    raise
+  return lock
+
+
+def _previous_fingerprint(config: BuildConfig, complete: bool) -> Optional[dict]:
+  """The fingerprint of the build already in `output_dir`, if it recorded one."""
+  if complete:
+    try:
+      return records.load_manifest(config.output_dir).get('fingerprint')
+    except records.RecordsError as error:
+      raise BuildError(f'{error}. Use --overwrite to rebuild it.') from None
+  path = files.join(config.output_dir, records.STAGING, _FINGERPRINT)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError:
+      return None  # Killed while writing it: the staged chunks are checked one by one anyway.
 
 
 def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
@@ -149,9 +190,9 @@ def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
     True if the folder already holds this complete build (nothing to do).
   """
   output_dir = config.output_dir
-  staging = _join(output_dir, STAGING)
-  existing = _own_files(output_dir) + ([staging] if tf.io.gfile.exists(staging) else [])
-  complete = tf.io.gfile.exists(_join(output_dir, MANIFEST))
+  staging = files.join(output_dir, records.STAGING)
+  existing = records.own_files(output_dir) + ([staging] if tf.io.gfile.exists(staging) else [])
+  complete = tf.io.gfile.exists(files.join(output_dir, records.MANIFEST))
   if existing and config.overwrite:
     for path in existing:
       if tf.io.gfile.isdir(path):
@@ -163,36 +204,26 @@ def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
     state = 'a complete build' if complete else 'an unfinished build'
     raise BuildError(f'{output_dir} already holds {state}; pass --resume to continue or reuse it, '
                      'or --overwrite to replace it.')
-  fingerprint_path = _join(staging, _FINGERPRINT)
-  if complete:
-    with tf.io.gfile.GFile(_join(output_dir, MANIFEST)) as f:
-      previous = json.load(f).get('fingerprint')
-  elif tf.io.gfile.exists(fingerprint_path):
-    with tf.io.gfile.GFile(fingerprint_path) as f:
-      previous = json.load(f)
-  else:
-    previous = None
-  if existing and previous is not None and previous != fingerprint:
+  previous = _previous_fingerprint(config, complete) if existing else None
+  if previous is not None and previous != fingerprint:
     changed = sorted(k for k in fingerprint if fingerprint.get(k) != previous.get(k))
     raise BuildError(f'{output_dir} holds a build made from different inputs or settings '
                      f'({", ".join(changed)}); use --overwrite to rebuild it.')
   if complete:
+    if tf.io.gfile.exists(staging) and not config.keep_staging:
+      tf.io.gfile.rmtree(staging)  # Left by a build killed during its final clean-up.
     return True
   tf.io.gfile.makedirs(staging)
-  files.write_atomically(fingerprint_path, json.dumps(fingerprint, indent=1, sort_keys=True))
+  files.write_atomically(files.join(staging, _FINGERPRINT),
+                         json.dumps(fingerprint, indent=1, sort_keys=True))
   return False
 
 
 def _fingerprint(config: BuildConfig, sources: Dict[str, dict]) -> dict:
   """What must be equal for `--resume` to continue a build: inputs and every setting that shapes it."""
-  settings = dataclasses.asdict(config)
-  for volatile in ('resume', 'overwrite', 'keep_staging', 'progress', 'num_workers',
-                   'download_threads', 'download_timeout_s'):
-    settings.pop(volatile)
-  settings['singletons'] = config.singletons.value
   # Staging written by a tool version with another staging layout cannot be continued.
   return {'sources': {name: info['sha256'] for name, info in sources.items()},
-          'staging_format': _STAGING_FORMAT, **settings}
+          'staging_format': _STAGING_FORMAT, **settings.fingerprint(config)}
 
 
 def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
@@ -233,7 +264,7 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
   Returns:
     The cache folder, and the ids that have no image in it.
   """
-  cache_dir = config.download_dir or _join(config.output_dir, 'downloads')
+  cache_dir = config.download_dir or files.join(config.output_dir, 'downloads')
   without_url = [row for row in rows if not row.url]
   if len(without_url) == len(rows):
     raise BuildError('--download needs a url column with URLs; none of the rows has one. '
@@ -241,16 +272,17 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
   report = download.download_images(
       [(row.image_id, row.url) for row in rows if row.url], cache_dir,
       num_threads=config.download_threads, timeout_s=config.download_timeout_s,
-      max_bytes=config.download_max_bytes, progress=config.progress)
+      max_bytes=config.download_max_bytes,
+      allow_private_hosts=config.download_allow_private_hosts, progress=config.progress)
   skipped += [csv_io.SkippedRow('download', 0, failure.image_id, f'download failed: {failure.reason}')
               for failure in report.failures]
   skipped += [csv_io.SkippedRow('download', 0, row.image_id, 'no url to download')
               for row in without_url]
   if report.failures:
-    download.write_failure_report(report, _join(cache_dir, 'failures.csv'))
+    download.write_failure_report(report, files.join(cache_dir, 'failures.csv'))
   if report.downloaded + report.cached == 0:
     raise BuildError(f'no image could be downloaded ({_skipped_summary(skipped)}); the reasons per '
-                     f'row are in {_join(cache_dir, "failures.csv")}')
+                     f'row are in {files.join(cache_dir, "failures.csv")}')
   return cache_dir, {f.image_id for f in report.failures} | {row.image_id for row in without_url}
 
 
@@ -268,13 +300,13 @@ def _chunk_size(num_rows: int) -> int:
 
 
 def _chunk_paths(staging: str, chunk: int) -> tuple[str, str]:
-  stem = _join(staging, f'chunk-{chunk:06d}')
+  stem = files.join(staging, f'chunk-{chunk:06d}')
   return f'{stem}.jpegs', f'{stem}.json'
 
 
 def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
   """Phase 1: prepares every row's image into staging chunks, skipping chunks already complete."""
-  staging = _join(config.output_dir, STAGING)
+  staging = files.join(config.output_dir, records.STAGING)
   size = _chunk_size(len(rows))
   chunks = [rows[start:start + size] for start in range(0, len(rows), size)]
   pending = [i for i in range(len(chunks)) if not tf.io.gfile.exists(_chunk_paths(staging, i)[1])]
@@ -298,35 +330,47 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
     bar.update(len(results))
 
   def job(chunk_index: int):
-    return ([image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
-            config.max_image_size, config.jpeg_quality, config.min_image_side)
+    return (chunk_index, [image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
+            config.max_image_size, config.jpeg_quality, config.min_image_side,
+            config.max_file_bytes)
 
   if config.num_workers <= 1:
     for chunk_index in pending:
-      save(chunk_index, images.prepare_image_files(*job(chunk_index)))
+      save(*_prepare_chunk(job(chunk_index)))
   else:
     # Workers run only Pillow code (tf_landmarks.images). Forking is then safe and starts them in
     # milliseconds; 'spawn' would re-import the entry point, and with it TensorFlow, in every worker
     # (seconds each). Remote folders are read through TensorFlow's filesystems, whose threads must
     # not be forked, so those get 'spawn'.
-    start_method = 'spawn' if '://' in image_dir or os.name != 'posix' else 'fork'
+    start_method = 'spawn' if files.is_remote(image_dir) or os.name != 'posix' else 'fork'
     context = multiprocessing.get_context(start_method)
-    with concurrent.futures.ProcessPoolExecutor(config.num_workers, mp_context=context) as pool:
-      in_flight = {}
-      queue = iter(pending)
-      for chunk_index in queue:
-        in_flight[pool.submit(images.prepare_image_files, *job(chunk_index))] = chunk_index
-        # Bounded look-ahead keeps memory flat however many rows there are.
-        if len(in_flight) >= 3 * config.num_workers:
-          break
-      while in_flight:
-        finished, _ = concurrent.futures.wait(in_flight, return_when='FIRST_COMPLETED')
-        for future in finished:
-          save(in_flight.pop(future), future.result())
-          next_chunk = next(queue, None)
-          if next_chunk is not None:
-            in_flight[pool.submit(images.prepare_image_files, *job(next_chunk))] = next_chunk
+    # Leaving the block terminates the workers, also on Ctrl-C, SIGTERM or an error in this process.
+    with context.Pool(config.num_workers, initializer=_init_worker,
+                      initargs=(os.getpid(),)) as pool:
+      for chunk_index, results in pool.imap_unordered(_prepare_chunk, map(job, pending)):
+        save(chunk_index, results)
   bar.close()
+
+
+def _prepare_chunk(job: tuple) -> tuple:
+  """Worker task: (chunk index, paths, settings…) → (chunk index, per-row results)."""
+  chunk_index, path_lists, max_side, jpeg_quality, min_side, max_file_bytes = job
+  return chunk_index, images.prepare_image_files(path_lists, max_side, jpeg_quality, min_side,
+                                                 max_file_bytes)
+
+
+def _init_worker(parent_pid: int) -> None:
+  """Makes a worker die with the build: Ctrl-C is the main process's to report, and a killed main
+  process (even SIGKILL) takes its workers with it instead of leaving them running."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Not the main process's handler, inherited by fork.
+  try:
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+  except (OSError, AttributeError):  # Not Linux: workers end when the pool's pipes close.
+    pass
+  if os.getppid() != parent_pid:  # The parent died before prctl took effect.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def _read_staged_results(staging: str, num_chunks: int) -> List[list]:
@@ -367,7 +411,7 @@ class _ShardWriter:
     self.shards: List[dict] = []
 
   def _path(self, shard: int) -> str:
-    return _join(self._output_dir, shard_name(self.split, shard, self.num_shards))
+    return files.join(self._output_dir, records.shard_name(self.split, shard, self.num_shards))
 
   def write(self, serialized: bytes) -> None:
     shard = self._written * self.num_shards // self.total
@@ -418,9 +462,9 @@ def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
   totals = collections.Counter(destination.values())
   totals['validation'] += len(duplicated)
   writers = {name: _ShardWriter(config.output_dir, name, totals[name], config.examples_per_shard,
-                                config.resume) for name in SPLIT_NAMES}
+                                config.resume) for name in records.SPLITS}
 
-  staging = _join(config.output_dir, STAGING)
+  staging = files.join(config.output_dir, records.STAGING)
   bar = tqdm.tqdm(total=sum(totals.values()), unit='ex', desc='shards', disable=not config.progress)
   jpegs = _staged_jpegs(staging, staged)
   for position, ((image_id, _, height, width, _), jpeg) in enumerate(zip(staged, jpegs)):
@@ -429,13 +473,13 @@ def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
       row = rows[position]
       label = split.label_of_landmark[row.landmark_id] if name != 'test' else schema.NO_LABEL
       landmark_id = row.landmark_id if name != 'test' else schema.NO_LABEL
-      writers[name].write(schema.make_example(image_id, jpeg, height, width, label,
-                                              landmark_id).SerializeToString())
+      writers[name].write(schema.serialize_example(image_id, jpeg, height, width, label,
+                                                   landmark_id))
       if position in duplicated:
         copy = images.distorted_copy(jpeg, seed=config.seed + position,
                                      jpeg_quality=config.jpeg_quality)
-        writers['validation'].write(schema.make_example(
-            image_id, copy.jpeg, copy.height, copy.width, label, landmark_id).SerializeToString())
+        writers['validation'].write(schema.serialize_example(
+            image_id, copy.jpeg, copy.height, copy.width, label, landmark_id))
         bar.update()
       bar.update()
   bar.close()
@@ -446,26 +490,9 @@ def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
 
 def _write_label_map(output_dir: str, split: splits.Split, train_rows: Sequence[_Row]) -> None:
   counts = collections.Counter(train_rows[index].landmark_id for index in split.train)
-  files.write_csv_atomically(
-      _join(output_dir, LABEL_MAP), ['label', 'landmark_id', 'num_images'],
-      ((label, landmark_id, counts[landmark_id]) for landmark_id, label
-       in sorted(split.label_of_landmark.items(), key=lambda item: item[1])))
-
-
-def _write_tfds_metadata(output_dir: str, writers: Dict[str, _ShardWriter], num_classes: int) -> None:
-  """Adds dataset_info.json and features.json so `tfds.builder_from_directory` loads the shards."""
-  import tensorflow_datasets as tfds  # Slow to import; only needed here.
-  template = tfds.core.ShardedFileTemplate(data_dir=output_dir, template='{SPLIT}-{SHARD_X_OF_Y}',
-                                           dataset_name='landmarks', filetype_suffix='tfrecord')
-  split_infos = [
-      tfds.core.SplitInfo(name=name, shard_lengths=[s['examples'] for s in writer.shards],
-                          num_bytes=sum(s['bytes'] for s in writer.shards),
-                          filename_template=template)
-      for name, writer in writers.items() if writer.total]
-  tfds.folder_dataset.write_metadata(
-      data_dir=output_dir, features=schema.tfds_features(), split_infos=split_infos,
-      filename_template=template, check_data=False,
-      description=f'Landmark images with {num_classes} classes, built by tf-landmarks.')
+  records.write_label_map(output_dir, (
+      (label, landmark_id, counts[landmark_id]) for landmark_id, label
+      in sorted(split.label_of_landmark.items(), key=lambda item: item[1])))
 
 
 def _skipped_summary(skipped: Iterable[csv_io.SkippedRow]) -> Dict[str, int]:
@@ -489,21 +516,34 @@ def build_records(config: BuildConfig) -> dict:
     raise BuildError('give --image_dir with the images, or --download to fetch the url column')
   if config.image_dir and not config.download and not tf.io.gfile.isdir(config.image_dir):
     raise BuildError(f'--image_dir={config.image_dir} is not a folder')
-  if not 1 <= config.jpeg_quality <= 100:
-    raise BuildError(f'--jpeg_quality must be in 1..100, got {config.jpeg_quality}')
-  if config.examples_per_shard < 1:
-    raise BuildError(f'--examples_per_shard must be >= 1, got {config.examples_per_shard}')
+  try:
+    settings.check(config)
+  except ValueError as error:
+    raise BuildError(str(error)) from None
   if config.max_image_size and config.max_image_size < config.min_image_side:
     raise BuildError(f'--max_image_size={config.max_image_size} is below the smallest accepted '
                      f'image side ({config.min_image_side} px)')
+
+  if tf.io.gfile.exists(config.output_dir) and not tf.io.gfile.isdir(config.output_dir):
+    raise BuildError(f'--output_dir={config.output_dir} is a file, not a folder')
 
   skipped: List[csv_io.SkippedRow] = []
   train_rows, test_rows, sources = _read_rows(config, skipped)
   fingerprint = _fingerprint(config, sources)
   tf.io.gfile.makedirs(config.output_dir)
-  if _prepare_output_dir(config, fingerprint):
-    with tf.io.gfile.GFile(_join(config.output_dir, MANIFEST)) as f:
-      return json.load(f)
+  lock = _lock_output_dir(config.output_dir)
+  try:
+    if _prepare_output_dir(config, fingerprint):
+      return records.load_manifest(config.output_dir)
+    return _build(config, train_rows, test_rows, sources, fingerprint, skipped)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _build(config: BuildConfig, train_rows: List[csv_io.ImageRow], test_rows: List[csv_io.ImageRow],
+           sources: Dict[str, dict], fingerprint: dict, skipped: List[csv_io.SkippedRow]) -> dict:
+  """Download (optional), staging, split, shards, label map, metadata and manifest."""
 
   image_dir = config.image_dir
   if config.download:
@@ -517,7 +557,7 @@ def build_records(config: BuildConfig) -> dict:
   _check_some_images_exist(image_dir, rows)
   _stage(config, image_dir, rows)
 
-  staging = _join(config.output_dir, STAGING)
+  staging = files.join(config.output_dir, records.STAGING)
   num_chunks = math.ceil(len(rows) / _chunk_size(len(rows)))
   staged = _read_staged_results(staging, num_chunks)
   skipped += [csv_io.SkippedRow('image', 0, image_id, reason)
@@ -538,13 +578,13 @@ def build_records(config: BuildConfig) -> dict:
 
   writers = _write_shards(config, staged, rows, split, train_positions)
   _write_label_map(config.output_dir, split, train_view)
-  _write_tfds_metadata(config.output_dir, writers, len(split.label_of_landmark))
+  records.write_tfds_metadata(config.output_dir, {name: writer.shards for name, writer in writers.items()},
+                              len(split.label_of_landmark))
 
   all_classes = {row.landmark_id for row in train_view}
   manifest = {
-      'format': 'tf-landmarks records v1',
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'config': {**dataclasses.asdict(config), 'singletons': config.singletons.value},
+      'config': settings.as_dict(config),
       'fingerprint': fingerprint,
       'sources': sources,
       'image_dir': image_dir,
@@ -556,7 +596,7 @@ def build_records(config: BuildConfig) -> dict:
       'skipped': {'total': len(skipped), 'by_reason': _skipped_summary(skipped),
                   'rows': [dataclasses.asdict(row) for row in skipped]},
   }
-  files.write_atomically(_join(config.output_dir, MANIFEST), json.dumps(manifest, indent=1))
+  records.write_manifest(config.output_dir, manifest)
   if not config.keep_staging:
     tf.io.gfile.rmtree(staging)
-  return manifest
+  return records.load_manifest(config.output_dir)

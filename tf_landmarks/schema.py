@@ -74,6 +74,17 @@ def make_example(image_id: str, encoded_jpeg: bytes, height: int, width: int,
   }))
 
 
+def serialize_example(image_id: str, encoded_jpeg: bytes, height: int, width: int,
+                      label: int = NO_LABEL, landmark_id: int = NO_LABEL) -> bytes:
+  """`make_example` serialized with its feature map in a fixed key order.
+
+  Protobuf writes map entries in an order that varies between processes; fixing it makes the same
+  build (or a resumed one) write byte-identical shards.
+  """
+  return make_example(image_id, encoded_jpeg, height, width, label,
+                      landmark_id).SerializeToString(deterministic=True)
+
+
 def parse_example(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
   """Parses one serialized Example (a scalar string tensor) into its feature dict.
 

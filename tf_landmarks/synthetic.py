@@ -18,6 +18,11 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from tf_landmarks import errors
+from tf_landmarks import images
+from tf_landmarks import settings
+from tf_landmarks.settings import setting
+
 STYLES = ('facade', 'tower', 'arches', 'dome', 'bridge', 'temple')
 _TEXTURE_SIZE = 384
 _ASPECTS = ((4, 3), (3, 4), (1, 1), (16, 9), (3, 2), (2, 3))
@@ -358,14 +363,6 @@ def render(rng: np.random.Generator, image_size: int, noise: _Noise,
   return _finish(rng, canvas, noise)
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-  ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                             [cv2.IMWRITE_JPEG_QUALITY, quality])
-  if not ok:
-    raise RuntimeError('OpenCV could not encode a JPEG')
-  return encoded.tobytes()
-
-
 def class_sizes(num_landmarks: int, num_images: int, rng: np.random.Generator) -> List[int]:
   """Long-tailed image counts (Zipf-like), each ≥ 1, summing to `num_images`; the last eighth of the
   landmarks get 1–2 images, as in Google Landmarks where many classes have one or two."""
@@ -390,39 +387,35 @@ def class_sizes(num_landmarks: int, num_images: int, rng: np.random.Generator) -
 
 @dataclasses.dataclass(frozen=True)
 class WorldSpec:
-  """Sizes of a synthetic world; see `generate`."""
-  seed: int = 0
-  num_landmarks: int = 24
-  num_unseen_landmarks: int = 6
-  num_train_images: int = 400
-  num_test_images: int = 120
-  non_landmark_fraction: float = 0.35
-  unseen_landmark_fraction: float = 0.15
-  image_size: int = 256
-  jpeg_quality: int = 90
+  """Sizes of a synthetic world; see `generate`. `tfl-synth` defines one flag per field."""
+  seed: int = setting(0, 'Seed of the world: the same seed gives byte-identical files.')
+  num_landmarks: int = setting(24, 'Landmarks with training images.', lower=1)
+  num_unseen_landmarks: int = setting(
+      6, 'Extra landmarks that appear only among the test queries.', lower=0)
+  num_train_images: int = setting(
+      400, 'Training images, spread over the landmarks with a long tail (the last eighth of the '
+      'landmarks get 1-2 images).', lower=1)
+  num_test_images: int = setting(120, 'Test queries.', lower=0)
+  non_landmark_fraction: float = setting(
+      0.35, 'Share of test queries that show no landmark.', lower=0.0, upper=1.0)
+  unseen_landmark_fraction: float = setting(
+      0.15, 'Share of test queries that show a landmark unseen in training (their ground truth is '
+      '"no landmark", as in the Kaggle challenges).', lower=0.0, upper=1.0)
+  image_size: int = setting(256, 'Long side of the images in pixels; aspect ratios vary.',
+                            lower=32, upper=4096)
+  jpeg_quality: int = setting(90, 'JPEG quality.', lower=1, upper=100)
 
   def validate(self) -> None:
-    """Raises ValueError with a user-facing message for impossible sizes."""
-    if self.num_landmarks < 1:
-      raise ValueError(f'num_landmarks must be >= 1, got {self.num_landmarks}')
-    if self.num_unseen_landmarks < 0:
-      raise ValueError(f'num_unseen_landmarks must be >= 0, got {self.num_unseen_landmarks}')
+    """Raises errors.UserError with a user-facing message for impossible sizes."""
+    settings.check(self)
     if self.num_train_images < self.num_landmarks:
-      raise ValueError(f'num_train_images ({self.num_train_images}) must be at least num_landmarks '
-                       f'({self.num_landmarks})')
-    if self.num_test_images < 0:
-      raise ValueError(f'num_test_images must be >= 0, got {self.num_test_images}')
-    for name in ('non_landmark_fraction', 'unseen_landmark_fraction'):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)}')
+      raise errors.UserError(f'--num_train_images ({self.num_train_images}) must be at least '
+                             f'--num_landmarks ({self.num_landmarks})')
     if self.non_landmark_fraction + self.unseen_landmark_fraction > 1:
-      raise ValueError('non_landmark_fraction + unseen_landmark_fraction must be at most 1')
+      raise errors.UserError('--non_landmark_fraction + --unseen_landmark_fraction must be at '
+                             'most 1')
     if self.unseen_landmark_fraction > 0 and self.num_unseen_landmarks == 0:
-      raise ValueError('unseen_landmark_fraction > 0 needs num_unseen_landmarks >= 1')
-    if not 32 <= self.image_size <= 4096:
-      raise ValueError(f'image_size must be in [32, 4096], got {self.image_size}')
-    if not 1 <= self.jpeg_quality <= 100:
-      raise ValueError(f'jpeg_quality must be in [1, 100], got {self.jpeg_quality}')
+      raise errors.UserError('--unseen_landmark_fraction > 0 needs --num_unseen_landmarks >= 1')
 
 
 def _landmark_ids(spec: WorldSpec) -> List[int]:
@@ -493,7 +486,7 @@ def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[s
       landmarks[landmark] = make_landmark(spec.seed, landmark, ids[landmark])
     rgb = render(rng, spec.image_size, noise, None if landmark is None else landmarks[landmark])
     with tf.io.gfile.GFile(f'{image_dir}/{image_id}.jpg', 'wb') as f:
-      f.write(encode_jpeg(rgb, spec.jpeg_quality))
+      f.write(images.encode_jpeg(rgb, spec.jpeg_quality).jpeg)
 
   with tqdm.tqdm(total=len(train) + len(queries), unit='img', disable=not progress) as bar:
     for image_id, landmark, view in train:

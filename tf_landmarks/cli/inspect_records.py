@@ -8,71 +8,63 @@ Exits non-zero with a message if the folder is not a finished build or a shard d
 manifest (missing, truncated, or with a different example count).
 """
 
-import sys
-
-from absl import app
 from absl import flags
+import tensorflow as tf
 
 from tf_landmarks import data
-from tf_landmarks import inspect_records
+from tf_landmarks import records
+from tf_landmarks.cli import common
+from tf_landmarks.models import backbones
 
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records', 'Output folder of tfl-build-records.')
-_SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'validation', 'test'],
-                           'Split to read a batch from.')
+_SPLIT = flags.DEFINE_enum('split', 'train', list(records.SPLITS), 'Split to read a batch from.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Examples in the batch shown.', lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the square images.', lower_bound=8)
-_BACKBONE = flags.DEFINE_string('backbone', 'resnet50', 'Backbone whose preprocessing is applied '
-                                '(vgg16 and resnet50: Caffe-style BGR minus means; others: [-1, 1]; '
-                                '"none": uint8 pixels, as fed to a model that preprocesses itself).')
-_CLASS_BALANCE = flags.DEFINE_float('class_balance', 1.0, 'For the train split: classes drawn '
-                                    'proportionally to n^class_balance (1 natural, 0 uniform).',
-                                    lower_bound=0.0, upper_bound=1.0)
+_BACKBONE = flags.DEFINE_enum('backbone', 'resnet50', [*backbones.BACKBONES, 'none'],
+                              'Backbone whose preprocessing is applied (see '
+                              'tf_landmarks/models/backbones.py); "none": uint8 pixels, as fed to '
+                              'a model that preprocesses itself.')
 _VERIFY = flags.DEFINE_boolean('verify', True, 'Count the records of every shard against the '
                                'manifest (reads every shard once).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the training pipeline.')
+common.define_flags(data.InputConfig)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  records_dir = _RECORDS_DIR.value
-  try:
-    manifest = inspect_records.load_manifest(records_dir)
-    if _VERIFY.value:
-      inspect_records.verify_shards(records_dir, manifest)
-  except inspect_records.InspectError as error:
-    print(f'tfl-inspect-records: error: {error}', file=sys.stderr)
-    return 2
-  label_map = inspect_records.read_label_map(records_dir)
-  print(f'{records_dir}:' + (' all shards match the manifest' if _VERIFY.value else ''))
-  for line in inspect_records.summary_lines(manifest, label_map):
+def main() -> int:
+  build = records.load(_RECORDS_DIR.value)
+  if _VERIFY.value:
+    records.verify(build)
+  print(f'{build.path}:' + (' all shards match the manifest' if _VERIFY.value else ''))
+  for line in records.summary_lines(build):
     print(f'  {line}')
 
   split = _SPLIT.value
-  if not manifest['splits'][split]['examples']:
+  if not build.num_examples(split):
     print(f'The {split} split is empty; nothing to read.')
     return 0
   training = split == 'train'
-  dataset = data.make_dataset(
-      f'{records_dir}/{split}-*', training=training, batch_size=_BATCH_SIZE.value,
-      image_size=_IMAGE_SIZE.value, seed=_SEED.value,
-      backbone=None if _BACKBONE.value == 'none' else _BACKBONE.value,
-      class_counts=[row['num_images'] for row in label_map] if training else None,
-      class_balance=_CLASS_BALANCE.value if training else 1.0, with_ids=True)
-  images, labels, ids = (t.numpy() for t in next(iter(dataset)))
-  landmark_of = {row['label']: row['landmark_id'] for row in label_map}
+  backbone = None if _BACKBONE.value == 'none' else _BACKBONE.value
+  dataset = data.make_dataset(build, split, training=training, batch_size=_BATCH_SIZE.value,
+                              config=common.from_flags(data.InputConfig), backbone=backbone,
+                              seed=_SEED.value, with_ids=True)
+  try:
+    images, labels, ids = (t.numpy() for t in next(iter(dataset)))
+  except tf.errors.DataLossError:
+    raise records.RecordsError(records.find_corrupt_shard(build.files(split))) from None
   print(f'One {"training (augmented) " if training else ""}{split} batch through the input pipeline:')
   print(f'  images {images.dtype} {list(images.shape)}, values {images.min():.1f}..{images.max():.1f}'
         f' (per-channel means {", ".join(f"{m:.1f}" for m in images.mean(axis=(0, 1, 2)))}; '
         f'{_BACKBONE.value} preprocessing)')
-  print(f'  labels {labels.dtype} {labels.tolist()}')
-  shown = [f'{i.decode()}→{landmark_of.get(int(l), "none")}' for i, l in zip(ids[:4], labels[:4])]
+  if labels.ndim == 2:  # MixUp: one-hot mixtures; show the dominant class.
+    labels = labels.argmax(axis=1)
+  print(f'  labels {labels.tolist()}')
+  shown = [f'{i.decode()}→{build.landmark_ids[l] if l >= 0 else "none"}'
+           for i, l in zip(ids[:4], labels[:4])]
   print(f'  ids→landmark_id {", ".join(shown)}{", …" if len(ids) > 4 else ""}')
   return 0
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,1 @@
+"""Model parts: backbones, classification heads and training losses."""
