@@ -213,3 +213,36 @@ def test_resume_removes_staging_left_by_a_kill_during_clean_up(tmp_path):
   assert (output_dir / '.staging').is_dir()  # As a build killed while deleting it leaves it.
   assert _build(tmp_path, output_dir, '--resume').returncode == 0
   assert not (output_dir / '.staging').exists()
+
+
+def _configs_by_command():
+  by_command = {}
+  for path in sorted((REPO / 'configs').glob('*.flags')):
+    header = path.read_text().split('\n--', 1)[0]
+    command = next(word for word in header.split() if word.startswith('tfl-'))
+    by_command.setdefault(command, []).append(path)
+  return by_command
+
+
+def test_every_config_names_its_command_and_parses_against_the_real_flags():
+  commands = {'tfl-synth': ('synth', ['--output_dir=o']),
+              'tfl-build-records': ('build_records', []),
+              'tfl-inspect-records': ('inspect_records', []),
+              'tfl-train': ('train', ['--records_dir=r', '--workdir=w'])}
+  by_command = _configs_by_command()
+  assert set(by_command) <= set(commands), by_command
+  assert len(by_command.get('tfl-train', [])) >= 11
+  for command, paths in by_command.items():
+    module, required = commands[command]
+    # An unknown flag in a file raises; every file is parsed afresh in the command's process.
+    script = (f'from tf_landmarks.cli import {module}\n'
+              'from absl import flags\n'
+              'import sys\n'
+              'for path in sys.argv[1:]:\n'
+              '  flags.FLAGS.unparse_flags()\n'
+              f"  flags.FLAGS(['prog', f'--flagfile={{path}}', *{required!r}])\n"
+              '  print("OK", path)\n')
+    result = subprocess.run([sys.executable, '-c', script, *map(str, paths)], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count('OK ') == len(paths)

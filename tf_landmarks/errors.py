@@ -8,3 +8,11 @@ that escapes is a bug and keeps its traceback. Each stage subclasses it (`CsvErr
 
 class UserError(ValueError):
   """Something the user can fix: the message says what, in terms of flags and files."""
+
+
+class Terminated(BaseException):
+  """SIGTERM arrived (what a preempted cloud VM or `kill` sends).
+
+  A BaseException, like KeyboardInterrupt, so that only code that means to (save a checkpoint,
+  close a shard) handles it on the way out.
+  """

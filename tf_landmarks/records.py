@@ -140,13 +140,14 @@ def load_manifest(records_dir: str) -> dict:
     raise RecordsError(f'{path} is not a manifest this version reads (format {found!r}, expected '
                        f'{FORMAT!r}); rebuild the folder with tfl-build-records --overwrite')
   try:
-    for split in SPLITS:
-      for shard in manifest['splits'][split]['shards']:
-        str(shard['file']), int(shard['examples'])
-    int(manifest['num_classes'])
-  except (KeyError, TypeError, ValueError):
+    well_formed = isinstance(manifest['num_classes'], int) and all(
+        isinstance(shard['file'], str) and isinstance(shard['examples'], int)
+        for split in SPLITS for shard in manifest['splits'][split]['shards'])
+  except (KeyError, TypeError):
+    well_formed = False
+  if not well_formed:
     raise RecordsError(f'{path} is incomplete or damaged (missing split or shard entries); rebuild '
-                       'the folder with tfl-build-records --overwrite') from None
+                       'the folder with tfl-build-records --overwrite')
   return manifest
 
 

@@ -77,12 +77,8 @@ def from_flags(cls: type, **values: Any) -> Any:
   return cls(**values)
 
 
-class _Terminated(Exception):
-  """SIGTERM (what a preempted cloud VM or `kill` sends), raised where the main thread is."""
-
-
 def _raise_terminated(signum, frame):  # pylint: disable=unused-argument
-  raise _Terminated()
+  raise errors.Terminated()
 
 
 _CAUSES = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded',
@@ -144,7 +140,7 @@ def run(main: Callable[[], int], *, resume_hint: bool = False) -> None:
     except KeyboardInterrupt:
       print(f'\n{program}: interrupted{hint}', file=sys.stderr)
       return 130
-    except _Terminated:
+    except errors.Terminated:
       print(f'{program}: terminated (SIGTERM){hint}', file=sys.stderr)
       return 143
     except (OSError, tf.errors.OpError, MemoryError) as error:

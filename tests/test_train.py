@@ -1,0 +1,245 @@
+"""Training for real on CPU: the train step, the three stages on the synthetic set, strategies, resume."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_landmarks import data
+from tf_landmarks import ingest
+from tf_landmarks import synthetic
+from tf_landmarks import train
+from tf_landmarks.models import heads
+from tf_landmarks.splits import Singletons
+from helpers import REPO
+
+BIN = pathlib.Path(sys.executable).parent
+
+
+@pytest.fixture(scope='module')
+def synthetic_records(tmp_path_factory):
+  """A small synthetic world (8 landmarks) as records: enough to learn, quick to train on."""
+  root = tmp_path_factory.mktemp('world')
+  synthetic.generate(str(root / 'world'), synthetic.WorldSpec(
+      seed=3, num_landmarks=8, num_unseen_landmarks=1, num_train_images=240, num_test_images=16,
+      image_size=128))
+  ingest.build_records(ingest.BuildConfig(
+      output_dir=str(root / 'records'), train_csv=str(root / 'world' / 'train.csv'),
+      image_dir=str(root / 'world' / 'images'), validation_fraction=0.2,
+      singletons=Singletons.DUPLICATE, max_image_size=96, examples_per_shard=64, num_workers=2,
+      progress=False))
+  return root / 'records'
+
+
+def _config(records_dir, workdir, **overrides):
+  settings = dict(records_dir=str(records_dir), workdir=str(workdir), backbone='tiny',
+                  weights='none', head='softmax', batch_size=16, epochs=2, steps_per_epoch=6,
+                  optimizer='adam', learning_rate=0.003, progress=False, log_every_steps=3)
+  settings.update(overrides)
+  return train.TrainConfig(**settings)
+
+
+def test_train_step_lowers_the_loss_of_a_batch():
+  # The importable step, run for real on one batch of a small model: it must fit the batch.
+  keras.utils.set_random_seed(0)
+  head = heads.build_head('softmax', 4)
+  inputs = tf.random.normal([8, 3, 3, 16])
+  labels = tf.constant([0, 1, 2, 3, 0, 1, 2, 3])
+  head(inputs)
+  optimizer = keras.optimizers.Adam(0.05)
+  step = train.make_train_step(head, optimizer, lambda y, z, x: tf.nn.sparse_softmax_cross_entropy_with_logits(y, z),
+                               global_batch_size=8)
+  first = step(inputs, labels).numpy()
+  for _ in range(30):
+    last = step(inputs, labels).numpy()
+  assert first[2] == 8 and last[2] == 8
+  assert last[0] < first[0] / 4 and last[1] == 8  # Loss down, every example right.
+
+
+def test_scratch_then_bottleneck_then_finetune_learn_well_above_chance(synthetic_records, tmp_path):
+  input_config = data.InputConfig(image_size=64, augmentation=data.Augmentation.RESIZE_CROP)
+  scratch = train.train(_config(synthetic_records, tmp_path / 'scratch', epochs=6,
+                                steps_per_epoch=12), input_config)
+  assert scratch['final']['epoch'] == 6 and scratch['weights'] == 'none'
+  chance = 1 / 8
+  assert scratch['best']['validation']['top1'] > 2.5 * chance, scratch['best']
+  for name in ('model.keras', 'backbone.weights.h5', 'head.weights.npz', 'label_map.csv',
+               'run.json'):
+    assert (tmp_path / 'scratch' / name).exists(), name
+
+  weights = str(tmp_path / 'scratch' / 'backbone.weights.h5')
+  top = train.train(_config(synthetic_records, tmp_path / 'bottleneck', mode=train.Mode.BOTTLENECK,
+                            weights=weights, epochs=10, steps_per_epoch=12,
+                            feature_cache_dir=str(tmp_path / 'cache')),
+                    data.InputConfig(image_size=64))
+  assert top['weights_sha256'] == scratch_sha(weights)
+  assert top['best']['validation']['top1'] > 2.5 * chance, top['best']
+  cache = list((tmp_path / 'cache').glob('*/train/info.json'))
+  assert len(cache) == 1  # Cached once, keyed by backbone, weights, size and head needs.
+  mtime = cache[0].stat().st_mtime_ns
+  train.train(_config(synthetic_records, tmp_path / 'bottleneck2', mode=train.Mode.BOTTLENECK,
+                      weights=weights, epochs=1, feature_cache_dir=str(tmp_path / 'cache')),
+              data.InputConfig(image_size=64))
+  assert cache[0].stat().st_mtime_ns == mtime  # Reused, not recomputed.
+
+  fine = train.train(_config(synthetic_records, tmp_path / 'finetune', mode=train.Mode.FINETUNE,
+                             weights='', init_from=str(tmp_path / 'bottleneck'),
+                             freeze_until='block2', epochs=2, learning_rate=0.0005), input_config)
+  assert fine['weights'].endswith(os.path.join('bottleneck', 'backbone.weights.h5'))
+  assert fine['best']['validation']['top1'] > 2.5 * chance, fine['best']
+  reloaded = keras.saving.load_model(tmp_path / 'finetune' / 'model.keras')
+  assert reloaded(tf.zeros([1, 64, 64, 3], tf.uint8)).shape == (1, 8)
+
+
+def scratch_sha(path):
+  import hashlib
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def test_clear_errors_for_a_bad_setup(synthetic_records, tmp_path):
+  input_config = data.InputConfig(image_size=64)
+  with pytest.raises(train.TrainError, match='--init_from=<bottleneck run>'):
+    train.train(_config(synthetic_records, tmp_path / 'a', mode=train.Mode.FINETUNE,
+                        weights=str(tmp_path / 'w.weights.h5')), input_config)
+  with pytest.raises(train.TrainError, match='not none'):
+    train.train(_config(synthetic_records, tmp_path / 'b', mode=train.Mode.BOTTLENECK,
+                        weights='none'), input_config)
+  train.train(_config(synthetic_records, tmp_path / 'c', epochs=1, steps_per_epoch=2),
+              input_config)
+  with pytest.raises(train.TrainError, match='holds a finished run'):
+    train.train(_config(synthetic_records, tmp_path / 'c'), input_config)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_LOSS_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import tensorflow as tf
+    devices = int(sys.argv[1])
+    if devices > 1:
+      cpu = tf.config.list_physical_devices('CPU')[0]
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+    from tf_landmarks import data, train
+    mode, weights = (('scratch', 'none') if len(sys.argv) < 6 else ('bottleneck', sys.argv[5]))
+    config = train.TrainConfig(records_dir=sys.argv[2], workdir=sys.argv[3], backbone='tiny',
+                               weights=weights, mode=mode, head='softmax', batch_size=16,
+                               epochs=1, steps_per_epoch=4, optimizer='sgd', learning_rate=0.05,
+                               strategy=sys.argv[4], progress=False, seed=1)
+    run = train.train(config, data.InputConfig(image_size=32, augmentation='none'))
+    print('RESULT', json.dumps({**run['final'], 'digest': run['trained_weights_digest']}))
+''')
+
+
+def _run_script(*args, env=None):
+  return subprocess.run([sys.executable, '-c', _LOSS_SCRIPT, *map(str, args)], capture_output=True,
+                        text=True, cwd=REPO, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_mirrored_two_replicas_give_the_loss_of_one_device(synthetic_records, tmp_path):
+  # The bottleneck stage (cached features, a head without BatchNorm): with BatchNorm in the model,
+  # each replica would normalise its half batch by its own statistics, as in any data-parallel run.
+  weights = tmp_path / 'base' / 'backbone.weights.h5'
+  train.train(_config(synthetic_records, tmp_path / 'base', epochs=1, steps_per_epoch=1),
+              data.InputConfig(image_size=32))
+  one = _run_script(1, synthetic_records, tmp_path / 'one', 'default', weights)
+  two = _run_script(2, synthetic_records, tmp_path / 'two', 'mirrored', weights)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert two.returncode == 0, two.stderr[-3000:]
+  first = json.loads(one.stdout.split('RESULT ')[1])
+  second = json.loads(two.stdout.split('RESULT ')[1])
+  # Same seed and data order, the global batch split over two replicas: the same gradients.
+  assert second['loss'] == pytest.approx(first['loss'], rel=2e-3)
+
+
+def test_multi_worker_on_two_local_processes_ends_with_identical_weights(synthetic_records,
+                                                                          tmp_path):
+  ports = [_free_port(), _free_port()]
+  cluster = {'worker': [f'127.0.0.1:{port}' for port in ports]}
+  workers = []
+  for index in range(2):
+    env = {**os.environ, 'TF_CONFIG': json.dumps({'cluster': cluster,
+                                                   'task': {'type': 'worker', 'index': index}})}
+    workers.append(subprocess.Popen(
+        [sys.executable, '-c', _LOSS_SCRIPT, '1', str(synthetic_records), str(tmp_path / 'run'),
+         'multi_worker'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=env))
+  outputs = [worker.communicate(timeout=300) for worker in workers]
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  results = [json.loads(stdout.split('RESULT ')[1]) for stdout, _ in outputs]
+  assert results[0]['loss'] == pytest.approx(results[1]['loss'])
+  assert results[0]['step'] == results[1]['step'] == 4
+  assert results[0]['digest'] == results[1]['digest']  # All-reduced updates: the same weights.
+  assert (tmp_path / 'run' / 'model.keras').exists()  # Written by the chief alone.
+
+
+def _train_cli(records_dir, workdir, *extra):
+  return [str(BIN / 'tfl-train'), '--flagfile=configs/smoke.flags', f'--records_dir={records_dir}',
+          f'--workdir={workdir}', '--epochs=3', '--steps_per_epoch=8', '--checkpoint_every_steps=2',
+          '--log_every_steps=2', '--image_size=32', '--seed=4', *extra]
+
+
+def _wait_for_checkpoint(workdir, process, at_least=1):
+  deadline = time.monotonic() + 120
+  while len(list((workdir / 'checkpoints').glob('ckpt-*.index'))) < at_least:
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+
+
+def _last_step(workdir):
+  return tf.train.load_variable(tf.train.latest_checkpoint(str(workdir / 'checkpoints')),
+                                'step/.ATTRIBUTES/VARIABLE_VALUE')
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(synthetic_records, tmp_path):
+  reference = subprocess.run(_train_cli(synthetic_records, tmp_path / 'whole'), capture_output=True,
+                             text=True, cwd=REPO, timeout=300)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  workdir = tmp_path / 'killed'
+  process = subprocess.Popen(_train_cli(synthetic_records, workdir), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+  _wait_for_checkpoint(workdir, process, at_least=2)
+  process.kill()
+  process.communicate()
+  killed_at = _last_step(workdir)
+  assert 0 < killed_at < 24
+  again = subprocess.run(_train_cli(synthetic_records, workdir), capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+  assert again.returncode == 2 and 'pass --resume' in again.stderr
+  resumed = subprocess.run(_train_cli(synthetic_records, workdir, '--resume'), capture_output=True,
+                           text=True, cwd=REPO, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'step {killed_at + 2}/24' in resumed.stdout  # The step counter went on from there.
+  whole = json.loads((tmp_path / 'whole' / 'run.json').read_text())
+  finished = json.loads((workdir / 'run.json').read_text())
+  assert finished['final']['step'] == whole['final']['step'] == 24
+  assert abs(finished['final']['loss'] - whole['final']['loss']) < 0.5 * whole['final']['loss'] + 0.2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_records, tmp_path):
+  workdir = tmp_path / 'preempted'
+  process = subprocess.Popen(_train_cli(synthetic_records, workdir, '--checkpoint_every_steps=1000'),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+  for line in process.stdout:  # Progress lines are flushed as they happen.
+    if line.startswith('epoch 1 step'):
+      break
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 143, stderr[-3000:]
+  assert 'terminated (SIGTERM)' in stderr and 'Traceback' not in stderr
+  assert _last_step(workdir) > 0  # Saved on the way out, though no checkpoint was due.
