@@ -1,4 +1,5 @@
-# tf-landmarks: `make demo` sets everything up and runs the main job on the synthetic data;
+# tf-landmarks: `make demo` sets everything up and runs the main job on the synthetic data
+# (synthetic set → shards → scratch stand-in → bottleneck → fine-tune);
 # `make test` sets up and runs the default test suite (what CI runs).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -6,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DATA ?= data/synthetic
 DEMO_RECORDS ?= records/synthetic
+DEMO_RUNS ?= runs
 
 .PHONY: install install-gpu demo test test-all bench clean
 
@@ -30,6 +32,16 @@ demo: $(STAMP)
 	  --train_csv=$(DEMO_DATA)/train.csv --test_csv=$(DEMO_DATA)/test.csv \
 	  --image_dir=$(DEMO_DATA)/images --output_dir=$(DEMO_RECORDS)
 	$(BIN)/tfl-inspect-records --records_dir=$(DEMO_RECORDS)
+	@echo '== Stage 1: a stand-in backbone trained from scratch (no ImageNet download here)'
+	$(BIN)/tfl-train --flagfile=configs/demo_scratch.flags --records_dir=$(DEMO_RECORDS) \
+	  --workdir=$(DEMO_RUNS)/demo_scratch --noprogress
+	@echo '== Stage 2: bottleneck: that backbone frozen, its features cached, a new head trained'
+	$(BIN)/tfl-train --flagfile=configs/demo_bottleneck.flags --records_dir=$(DEMO_RECORDS) \
+	  --weights=$(DEMO_RUNS)/demo_scratch/backbone.weights.h5 --workdir=$(DEMO_RUNS)/demo_bottleneck \
+	  --noprogress
+	@echo '== Stage 3: fine-tune: the bottleneck head on its backbone, upper blocks unfrozen'
+	$(BIN)/tfl-train --flagfile=configs/demo_finetune.flags --records_dir=$(DEMO_RECORDS) \
+	  --init_from=$(DEMO_RUNS)/demo_bottleneck --workdir=$(DEMO_RUNS)/demo_finetune --noprogress
 
 # The benchmarks recorded in BUILD_NOTES.md (about 5 minutes on 2 cores; run on a quiet machine).
 bench: demo
@@ -47,4 +59,4 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RECORDS) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RECORDS) $(DEMO_RUNS) .pytest_cache

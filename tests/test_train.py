@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_landmarks import data
 from tf_landmarks import ingest
+from tf_landmarks import records
 from tf_landmarks import synthetic
 from tf_landmarks import train
 from tf_landmarks.models import heads
@@ -99,6 +100,12 @@ def test_scratch_then_bottleneck_then_finetune_learn_well_above_chance(synthetic
   assert fine['best']['validation']['top1'] > 2.5 * chance, fine['best']
   reloaded = keras.saving.load_model(tmp_path / 'finetune' / 'model.keras')
   assert reloaded(tf.zeros([1, 64, 64, 3], tf.uint8)).shape == (1, 8)
+  tags = set()
+  for events in (tmp_path / 'scratch' / 'tensorboard').glob('events.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+      tags.update(value.tag for value in event.summary.value)
+  assert {'train/loss', 'train/accuracy', 'train/learning_rate', 'train/images_per_second',
+          'validation/top1', 'validation/top5', 'validation/gap'} <= tags
 
 
 def scratch_sha(path):
@@ -243,3 +250,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_records, tmp_pat
   assert process.returncode == 143, stderr[-3000:]
   assert 'terminated (SIGTERM)' in stderr and 'Traceback' not in stderr
   assert _last_step(workdir) > 0  # Saved on the way out, though no checkpoint was due.
+
+
+def test_warmup_then_cosine_and_step_schedules():
+  cosine = train.WarmupDecay(0.1, warmup_steps=10, total_steps=110, schedule='cosine',
+                             decay_steps=1, decay_factor=1)
+  # Warm-up: (step + 1) / 10 of the peak; then 0.5·peak·(1 + cos(π·(step − 10)/100)).
+  np.testing.assert_allclose([float(cosine(s)) for s in (0, 4, 10, 60, 110)],
+                             [0.01, 0.05, 0.1, 0.05, 0.0], atol=1e-6)
+  step = train.WarmupDecay(0.1, warmup_steps=0, total_steps=100, schedule='step', decay_steps=30,
+                           decay_factor=0.1)
+  np.testing.assert_allclose([float(step(s)) for s in (0, 29, 30, 65)], [0.1, 0.1, 0.01, 0.001],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('precision', ['mixed_float16', 'mixed_bfloat16'])
+def test_mixed_precision_runs_with_a_float32_head(synthetic_records, tmp_path, precision):
+  try:
+    run = train.train(_config(synthetic_records, tmp_path / precision, epochs=1, steps_per_epoch=3,
+                              mixed_precision=precision), data.InputConfig(image_size=32))
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
+  assert np.isfinite(run['final']['loss'])
+  model = keras.saving.load_model(tmp_path / precision / 'model.keras')
+  assert model.head.compute_dtype == 'float32'
+
+
+def test_corrupt_train_shard_is_named(synthetic_records, tmp_path):
+  import shutil
+  copy = tmp_path / 'records'
+  shutil.copytree(synthetic_records, copy)
+  shard = sorted(copy.glob('train-*-of-*'))[0]
+  data_bytes = bytearray(shard.read_bytes())
+  data_bytes[40:60] = b'x' * 20
+  shard.write_bytes(bytes(data_bytes))
+  with pytest.raises(records.RecordsError, match=f'{shard} is corrupt or truncated'):
+    train.train(_config(copy, tmp_path / 'run', epochs=1, steps_per_epoch=40),
+                data.InputConfig(image_size=32))

@@ -578,7 +578,11 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
         count = min(config.steps_per_call, epoch_end - step,
                     config.log_every_steps - step % config.log_every_steps,
                     config.checkpoint_every_steps - step % config.checkpoint_every_steps)
-        summed = multi_steps[loss_key](train_iterator, tf.constant(count)).numpy()
+        try:
+          summed = multi_steps[loss_key](train_iterator, tf.constant(count)).numpy()
+        except tf.errors.DataLossError:  # tf.data's message does not say which file.
+          raise records_lib.RecordsError(
+              records_lib.find_corrupt_shard(records.files('train'))) from None
         totals += [summed[0], summed[1], summed[2], count]
         step += count
         step_counter.assign(step)

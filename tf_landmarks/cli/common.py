@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 import tensorflow as tf
 
 from tf_landmarks import errors
@@ -132,6 +133,10 @@ def run(main: Callable[[], int], *, resume_hint: bool = False) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if not FLAGS['verbosity'].present:
+      # absl.app logs at INFO, which floods the output with TensorFlow's checkpoint chatter;
+      # warnings and errors still show, and --verbosity=0 brings INFO back.
+      logging.set_verbosity(logging.WARNING)
     try:
       return main()
     except errors.UserError as error:
