@@ -287,3 +287,31 @@ def test_corrupt_train_shard_is_named(synthetic_records, tmp_path):
   with pytest.raises(records.RecordsError, match=f'{shard} is corrupt or truncated'):
     train.train(_config(copy, tmp_path / 'run', epochs=1, steps_per_epoch=40),
                 data.InputConfig(image_size=32))
+
+
+def test_delf_stages_train_from_a_classifier_run(synthetic_records, tmp_path):
+  input_config = data.InputConfig(image_size=64)
+  train.train(_config(synthetic_records, tmp_path / 'classifier', epochs=2), input_config)
+
+  def delf_run(name, init_from, **overrides):
+    return train.train(_config(synthetic_records, tmp_path / name, mode=train.Mode.DELF,
+                               weights='', init_from=str(tmp_path / init_from), **overrides),
+                       input_config)
+
+  descriptor = delf_run('descriptor', 'classifier', delf_stage='descriptor',
+                        freeze_until='block1', epochs=1)
+  assert descriptor['delf'] == {'stage': 'descriptor', 'reduced_dim': 0,
+                                'local_feature_layer': 'block3_out'}
+  attention = delf_run('attention', 'descriptor', delf_reduced_dim=16, epochs=2)
+  assert attention['head'] is None and np.isfinite(attention['final']['loss'])
+  assert attention['weights'].endswith(os.path.join('descriptor', 'backbone.weights.h5'))
+  reloaded = keras.saving.load_model(tmp_path / 'attention' / 'model.keras')
+  features, scores = reloaded.local_outputs(tf.zeros([1, 64, 64, 3], tf.uint8))
+  assert features.shape[-1] == 16 and scores.shape[:3] == features.shape[:3]
+  # An attention-stage run continues whole (same reduction) and is not undone.
+  again = delf_run('attention2', 'attention', delf_reduced_dim=16, epochs=1)
+  assert again['final']['loss'] < attention['final']['loss'] + 1.0
+  with pytest.raises(train.TrainError, match='reduces descriptors to 16 channels'):
+    delf_run('attention3', 'attention', delf_reduced_dim=0, epochs=1)
+  with pytest.raises(train.TrainError, match='--init_from=<classifier run> or --weights'):
+    train.train(_config(synthetic_records, tmp_path / 'bad', mode=train.Mode.DELF), input_config)

@@ -12,9 +12,13 @@ Modes:
   head trains on the cached features, many epochs in seconds.
 - finetune: the head of a bottleneck run (`--init_from`) on its backbone, the lower blocks frozen
   (`--freeze_until`), frozen BatchNorm layers in inference mode, augmentation on.
+- delf: DELF local features (`models/delf.py`) on a classifier run's backbone (`--init_from`):
+  `--delf_stage=attention` trains the attention head on the frozen backbone (stop-gradient),
+  `--delf_stage=descriptor` first fine-tunes the local-feature layers on classification.
 
 The run folder (`--workdir`) holds everything later stages need: `checkpoints/` (latest and best),
-`tensorboard/`, `model.keras`, `backbone.weights.h5` and `head.weights.h5`, a copy of
+`tensorboard/`, `model.keras`, `backbone.weights.h5` and `head.weights.npz` (`delf.weights.h5` for
+DELF), a copy of
 `label_map.csv`, and `run.json` (written last) describing the model, its weights and its metrics.
 """
 
@@ -44,6 +48,7 @@ from tf_landmarks import records as records_lib
 from tf_landmarks import settings
 from tf_landmarks.models import backbones
 from tf_landmarks.models import classifier
+from tf_landmarks.models import delf
 from tf_landmarks.models import heads
 from tf_landmarks.models import losses
 from tf_landmarks.settings import setting
@@ -53,12 +58,14 @@ RUN_JSON = 'run.json'
 _CONFIG_JSON = 'train_config.json'
 _BACKBONE_WEIGHTS = 'backbone.weights.h5'
 _HEAD_WEIGHTS = 'head.weights.npz'  # Keras 3 layers (unlike models) have no save_weights.
+_DELF_WEIGHTS = 'delf.weights.h5'
 
 
 class Mode(str, enum.Enum):
   SCRATCH = 'scratch'
   BOTTLENECK = 'bottleneck'
   FINETUNE = 'finetune'
+  DELF = 'delf'
 
 
 class TrainError(errors.UserError):
@@ -76,7 +83,8 @@ class TrainConfig:
       runtime=True)
   mode: Mode = setting(
       Mode.SCRATCH, 'scratch: train everything; bottleneck: frozen base, cached features, train '
-      'the head; finetune: a bottleneck run\'s head (--init_from) with the upper blocks unfrozen.')
+      'the head; finetune: a bottleneck run\'s head (--init_from) with the upper blocks unfrozen; '
+      'delf: DELF attention (or descriptor) training on a classifier run\'s backbone.')
   backbone: str = setting('resnet50', 'Backbone (tf_landmarks/models/backbones.py).',
                           choices=tuple(backbones.BACKBONES))
   weights: str = setting(
@@ -136,7 +144,15 @@ class TrainConfig:
                                  choices=distribute.PRECISIONS)
   init_from: Optional[str] = setting(
       None, 'Finetune: the bottleneck run whose head (and, by default, backbone weights) to start '
-      'from.')
+      'from. DELF: the classifier run whose backbone weights to use, or a DELF run to continue '
+      'from (e.g. the descriptor stage before the attention stage).')
+  delf_stage: str = setting(
+      'attention', 'DELF: attention (train the attention head on the frozen backbone) or '
+      'descriptor (fine-tune the local-feature layers on classification first).',
+      choices=('attention', 'descriptor'))
+  delf_reduced_dim: int = setting(
+      0, 'DELF: > 0 adds an autoencoder reducing descriptors to this many channels (DELF: 128).',
+      lower=0)
   freeze_until: str = setting(
       '', 'Finetune: freeze the backbone up to and including this block or layer (e.g. conv4 for '
       'ResNet50, block4 or 15 for VGG16); "all" freezes the whole backbone.')
@@ -359,10 +375,18 @@ def _check_config(config: TrainConfig, input_config: data.InputConfig, weights: 
   if config.mode == Mode.BOTTLENECK and weights == 'none':
     raise TrainError('--mode=bottleneck trains a head on a frozen base: give it trained weights '
                      '(--weights=imagenet or a .weights.h5 path), not none')
-  if config.mode != Mode.FINETUNE and (config.init_from or config.freeze_until):
-    raise TrainError('--init_from and --freeze_until belong to --mode=finetune')
+  if config.mode not in (Mode.FINETUNE, Mode.DELF) and (config.init_from or config.freeze_until):
+    raise TrainError('--init_from and --freeze_until belong to --mode=finetune or delf')
+  if config.mode == Mode.DELF:
+    if init_run is None and weights == 'none':
+      raise TrainError('--mode=delf attends over a trained backbone: give --init_from=<classifier '
+                       'run> or --weights')
+    if config.triplet_weight > 0 or config.loss != 'cross_entropy':
+      raise TrainError('--mode=delf trains with cross-entropy only (no --loss=ldam or triplet)')
   if init_run is not None:
-    for key in ('backbone', 'head', 'num_classes'):
+    keys = ('backbone', 'num_classes') if config.mode == Mode.DELF else (
+        'backbone', 'head', 'num_classes')
+    for key in keys:
       mine = {'backbone': config.backbone, 'head': config.head,
               'num_classes': records.num_classes}[key]
       if init_run[key] != mine:
@@ -478,16 +502,32 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
 
   with strategy.scope():
     built = backbones.build(config.backbone, image_size, weights)
-    head = heads.build_head(config.head, records.num_classes, class_counts=records.class_counts,
-                            **_head_options(config))
-    model = classifier.LandmarkClassifier(built.model, head, config.backbone)
-    model(tf.zeros([1, image_size, image_size, 3], tf.uint8))  # Builds every variable now.
-    if init_run is not None:
-      _load_head_weights(head, files.join(config.init_from, _HEAD_WEIGHTS))
-    if config.mode == Mode.BOTTLENECK:
-      backbones.freeze(built.model, config.backbone, 'all')
-    elif config.mode == Mode.FINETUNE:
-      backbones.freeze(built.model, config.backbone, config.freeze_until)
+    if config.mode == Mode.DELF:
+      head = None
+      if config.delf_stage == 'descriptor':
+        backbones.freeze(built.model, config.backbone, config.freeze_until)
+      model = delf.build_delf(config.backbone, built.model, records.num_classes,
+                              stage=config.delf_stage, reduced_dim=config.delf_reduced_dim)
+      model(tf.zeros([1, image_size, image_size, 3], tf.uint8))
+      # From a descriptor-stage run only the backbone (its weights file) carries over: its
+      # attention head never trained. An attention-stage run is continued whole.
+      if init_run is not None and (init_run.get('delf') or {}).get('stage') == 'attention':
+        if init_run['delf']['reduced_dim'] != config.delf_reduced_dim:
+          raise TrainError(f'--init_from={config.init_from} reduces descriptors to '
+                           f'{init_run["delf"]["reduced_dim"]} channels, this run to '
+                           f'{config.delf_reduced_dim}')
+        model.load_weights(_local_copy(files.join(config.init_from, _DELF_WEIGHTS)))
+    else:
+      head = heads.build_head(config.head, records.num_classes, class_counts=records.class_counts,
+                              **_head_options(config))
+      model = classifier.LandmarkClassifier(built.model, head, config.backbone)
+      model(tf.zeros([1, image_size, image_size, 3], tf.uint8))  # Builds every variable now.
+      if init_run is not None:
+        _load_head_weights(head, files.join(config.init_from, _HEAD_WEIGHTS))
+      if config.mode == Mode.BOTTLENECK:
+        backbones.freeze(built.model, config.backbone, 'all')
+      elif config.mode == Mode.FINETUNE:
+        backbones.freeze(built.model, config.backbone, config.freeze_until)
 
   global_batch = config.batch_size
   steps_per_epoch = config.steps_per_epoch or max(1, records.num_examples('train') // global_batch)
@@ -625,6 +665,15 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   return _finish(config, input_config, records, model, head, built, weights, history, chief)
 
 
+def _local_copy(path: str) -> str:
+  """A local file with the contents of `path` (Keras loads weights from local files only)."""
+  if not files.is_remote(path):
+    return path
+  local = os.path.join(tempfile.mkdtemp(prefix='tfl-weights-'), os.path.basename(path))
+  tf.io.gfile.copy(path, local)
+  return local
+
+
 def _load_head_weights(head, path: str) -> None:
   with tf.io.gfile.GFile(path, 'rb') as f:
     stored = np.load(io.BytesIO(f.read()))
@@ -660,7 +709,7 @@ def _weights_digest(model: keras.Model) -> str:
 
 
 def _finish(config: TrainConfig, input_config: data.InputConfig, records: records_lib.Records,
-            model: classifier.LandmarkClassifier, head, built, weights: str, history: list,
+            model: keras.Model, head, built, weights: str, history: list,
             chief: bool) -> dict:
   """Writes model.keras, the weights, the label map copy and run.json (last) to the workdir."""
   workdir = config.workdir
@@ -668,8 +717,13 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
       'format': RUN_FORMAT,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'mode': config.mode.value, 'backbone': config.backbone, 'image_size': input_config.image_size,
-      'preprocessing': backbones.get(config.backbone).preprocessing, 'head': config.head,
-      'head_config': head.get_config(), 'loss': config.loss, 'num_classes': records.num_classes,
+      'preprocessing': backbones.get(config.backbone).preprocessing,
+      'head': None if head is None else config.head,
+      'head_config': None if head is None else head.get_config(),
+      'delf': None if head is not None else {
+          'stage': config.delf_stage, 'reduced_dim': config.delf_reduced_dim,
+          'local_feature_layer': backbones.get(config.backbone).local_feature_layer},
+      'loss': config.loss, 'num_classes': records.num_classes,
       'records_dir': records.path, 'weights': weights, 'weights_sha256': built.weights_sha256,
       'init_from': config.init_from,
       'trained_weights_digest': _weights_digest(model),
@@ -682,9 +736,10 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
     return run
   with tempfile.TemporaryDirectory() as local:
     # Keras writes .keras and .h5 files locally; copy them so that gs:// workdirs work too.
-    for name, save in (('model.keras', model.save),
-                       (_BACKBONE_WEIGHTS, built.model.save_weights),
-                       (_HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights()))):
+    parts = [('model.keras', model.save), (_BACKBONE_WEIGHTS, built.model.save_weights)]
+    parts.append((_DELF_WEIGHTS, model.save_weights) if head is None else
+                 (_HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights())))
+    for name, save in parts:
       save(os.path.join(local, name))
       tf.io.gfile.copy(os.path.join(local, name), files.join(workdir, name), overwrite=True)
   tf.io.gfile.copy(files.join(records.path, records_lib.LABEL_MAP),

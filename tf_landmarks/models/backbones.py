@@ -2,7 +2,8 @@
 
 A plain dict, chosen by name (`--backbone`, a DEFINE_enum over `BACKBONES`). Each entry owns what
 other stages must agree on: the input preprocessing (the input pipeline and exported models apply
-exactly this), the mid-level layer DELF attaches its attention to, the block names that
+exactly this), the mid-level layer DELF attaches its attention to and the receptive field of its
+cells (where DELF's keypoints are), the block names that
 `--freeze_until` accepts, the smallest image it takes, and where Keras keeps its ImageNet weights.
 `tiny` is a few conv blocks for tests and the CPU demo.
 
@@ -77,6 +78,29 @@ class ImagenetWeights:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+  """The input pixels one cell of a feature map sees, in DELF's terms (its `rf, stride, padding`).
+
+  Along either axis, cell i sees input pixels i·stride − padding to i·stride − padding + size − 1
+  (the part outside the image is zero padding), so its centre is at pixel
+  i·stride − padding + (size − 1) / 2.
+
+  Attributes:
+    size: pixels each cell sees along one axis.
+    stride: input pixels between neighbouring cells.
+    padding: how far before pixel 0 the first cell's field starts.
+    input_multiple: the field is exactly as stated for input sides that are multiples of this (a
+      divisor of `stride`); 1 for any side. TensorFlow's 'same' padding of a strided
+      convolution adds its extra row on the left only when that layer's input side is odd, which
+      shifts every field by one of that layer's input pixels.
+  """
+  size: int
+  stride: int
+  padding: int
+  input_multiple: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Backbone:
   """One registry entry.
 
@@ -87,6 +111,7 @@ class Backbone:
     preprocessing: key of PREPROCESSING.
     local_feature_layer: the mid-level layer whose output DELF's attention uses.
     blocks: layer-name prefixes of the backbone's blocks, input to output (for --freeze_until).
+    local_feature_receptive_field: the receptive field of the local-feature layer's cells.
     min_image_size: smallest square image side `build` accepts.
     imagenet: where Keras keeps the ImageNet weights; None when there are none.
   """
@@ -94,6 +119,7 @@ class Backbone:
   preprocessing: str
   local_feature_layer: str
   blocks: Tuple[str, ...]
+  local_feature_receptive_field: ReceptiveField
   min_image_size: int = 96
   imagenet: Optional[ImagenetWeights] = None
 
@@ -137,19 +163,26 @@ def _tiny(input_shape, weights):
 _KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications'
 
 BACKBONES: Dict[str, Backbone] = {
+    # Receptive fields (tests/test_delf.py recomputes them from the layers): ten 3×3 convolutions
+    # and three 2×2 pools for VGG16's block4_conv3; for ResNet50's conv4 the 7×7 stem, the 3×3 pool
+    # and the 3×3 convolution of each of 3 + 4 + 6 bottleneck blocks (DELF's 291/16/145); for tiny
+    # three 3×3 convolutions of stride 2.
     'vgg16': Backbone(
         _vgg16, 'caffe', 'block4_conv3', ('block1', 'block2', 'block3', 'block4', 'block5'),
+        ReceptiveField(size=92, stride=8, padding=42),
         imagenet=ImagenetWeights(
             'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5',
             f'{_KERAS_WEIGHTS_URL}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5',
             '6d6bbae143d832006294945121d1f1fc')),
     'resnet50': Backbone(
         _resnet50, 'caffe', 'conv4_block6_out', ('conv1', 'conv2', 'conv3', 'conv4', 'conv5'),
+        ReceptiveField(size=291, stride=16, padding=145),
         imagenet=ImagenetWeights(
             'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             f'{_KERAS_WEIGHTS_URL}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             '4d473c1dd8becc155b73f8504c6f6626')),
     'tiny': Backbone(_tiny, 'tf', 'block3_out', ('block1', 'block2', 'block3', 'block4'),
+                     ReceptiveField(size=15, stride=8, padding=0, input_multiple=8),
                      min_image_size=32),
 }
 
