@@ -474,6 +474,83 @@ class _Progress:
             f'{datetime.timedelta(seconds=round(remaining))}', flush=True)
 
 
+def _build_models(config: TrainConfig, records: records_lib.Records, built, image_size: int,
+                  init_run: Optional[dict]):
+  """The model of `config.mode` on the built backbone, initialised and frozen as the mode says.
+
+  Returns:
+    (model, head): the whole model (what model.keras holds) and its head (None for DELF).
+  """
+  dummy = tf.zeros([1, image_size, image_size, 3], tf.uint8)
+  if config.mode == Mode.DELF:
+    if config.delf_stage == 'descriptor':
+      backbones.freeze(built.model, config.backbone, config.freeze_until)
+    model = delf.build_delf(config.backbone, built.model, records.num_classes,
+                            stage=config.delf_stage, reduced_dim=config.delf_reduced_dim)
+    model(dummy)
+    # From a descriptor-stage run only the backbone (its weights file) carries over: its
+    # attention head never trained. An attention-stage run is continued whole.
+    if init_run is not None and (init_run.get('delf') or {}).get('stage') == 'attention':
+      if init_run['delf']['reduced_dim'] != config.delf_reduced_dim:
+        raise TrainError(f'--init_from={config.init_from} reduces descriptors to '
+                         f'{init_run["delf"]["reduced_dim"]} channels, this run to '
+                         f'{config.delf_reduced_dim}')
+      model.load_weights(_local_copy(files.join(config.init_from, _DELF_WEIGHTS)))
+    return model, None
+  head = heads.build_head(config.head, records.num_classes, class_counts=records.class_counts,
+                          **_head_options(config))
+  model = classifier.LandmarkClassifier(built.model, head, config.backbone)
+  model(dummy)  # Builds every variable now, inside the strategy's scope.
+  if init_run is not None:
+    _load_head_weights(head, files.join(config.init_from, _HEAD_WEIGHTS))
+  if config.mode == Mode.BOTTLENECK:
+    backbones.freeze(built.model, config.backbone, 'all')
+  elif config.mode == Mode.FINETUNE:
+    backbones.freeze(built.model, config.backbone, config.freeze_until)
+  return model, head
+
+
+def _input_functions(config: TrainConfig, input_config: data.InputConfig,
+                     records: records_lib.Records, built, head):
+  """What trains and its inputs: (trained, train_fn(seed) → dataset_fn, eval_fn).
+
+  The bottleneck stage trains the head on cached features; every other mode trains on images.
+  The dataset functions take the `tf.distribute.InputContext` of each input pipeline.
+  """
+  global_batch, image_size = config.batch_size, input_config.image_size
+  if config.mode == Mode.BOTTLENECK:
+    cache_root = config.feature_cache_dir or files.join(
+        os.path.dirname(os.path.abspath(config.workdir)) if not files.is_remote(config.workdir)
+        else config.workdir.rsplit('/', 1)[0], 'feature_cache')
+    key = bottleneck.cache_key(records, config.backbone, built.weights_sha256, image_size,
+                               head.needs_spatial)
+    cached = {split: bottleneck.cache_features(built.model, config.backbone, records, split,
+                                               image_size, head.needs_spatial,
+                                               files.join(cache_root, key), progress=config.progress)
+              for split in ('train', 'validation') if records.num_examples(split)}
+
+    def train_fn(seed):
+      return lambda context: bottleneck.feature_dataset(cached['train'], True, global_batch, seed,
+                                                        context)
+
+    def eval_fn(context):
+      return bottleneck.feature_dataset(cached['validation'], False, global_batch,
+                                        input_context=context).map(
+                                            _pad_to(context.get_per_replica_batch_size(global_batch)))
+    return head, train_fn, eval_fn
+
+  def train_fn(seed):
+    return lambda context: data.make_dataset(
+        records, 'train', training=True, batch_size=global_batch, config=input_config,
+        backbone=None, seed=seed, input_context=context)
+
+  def eval_fn(context):
+    return data.make_dataset(records, 'validation', training=False, batch_size=global_batch,
+                             config=input_config, backbone=None, input_context=context).map(
+                                 _pad_to(context.get_per_replica_batch_size(global_batch)))
+  return None, train_fn, eval_fn
+
+
 def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   """Trains as `config.mode` says and writes the run folder; see the module docstring.
 
@@ -498,74 +575,14 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   loss_scaling = distribute.set_precision(config.mixed_precision)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
   keras.utils.set_random_seed(config.seed)
-  image_size = input_config.image_size
 
   with strategy.scope():
-    built = backbones.build(config.backbone, image_size, weights)
-    if config.mode == Mode.DELF:
-      head = None
-      if config.delf_stage == 'descriptor':
-        backbones.freeze(built.model, config.backbone, config.freeze_until)
-      model = delf.build_delf(config.backbone, built.model, records.num_classes,
-                              stage=config.delf_stage, reduced_dim=config.delf_reduced_dim)
-      model(tf.zeros([1, image_size, image_size, 3], tf.uint8))
-      # From a descriptor-stage run only the backbone (its weights file) carries over: its
-      # attention head never trained. An attention-stage run is continued whole.
-      if init_run is not None and (init_run.get('delf') or {}).get('stage') == 'attention':
-        if init_run['delf']['reduced_dim'] != config.delf_reduced_dim:
-          raise TrainError(f'--init_from={config.init_from} reduces descriptors to '
-                           f'{init_run["delf"]["reduced_dim"]} channels, this run to '
-                           f'{config.delf_reduced_dim}')
-        model.load_weights(_local_copy(files.join(config.init_from, _DELF_WEIGHTS)))
-    else:
-      head = heads.build_head(config.head, records.num_classes, class_counts=records.class_counts,
-                              **_head_options(config))
-      model = classifier.LandmarkClassifier(built.model, head, config.backbone)
-      model(tf.zeros([1, image_size, image_size, 3], tf.uint8))  # Builds every variable now.
-      if init_run is not None:
-        _load_head_weights(head, files.join(config.init_from, _HEAD_WEIGHTS))
-      if config.mode == Mode.BOTTLENECK:
-        backbones.freeze(built.model, config.backbone, 'all')
-      elif config.mode == Mode.FINETUNE:
-        backbones.freeze(built.model, config.backbone, config.freeze_until)
-
-  global_batch = config.batch_size
-  steps_per_epoch = config.steps_per_epoch or max(1, records.num_examples('train') // global_batch)
-  total_steps = config.epochs * steps_per_epoch
-
-  if config.mode == Mode.BOTTLENECK:
-    cache_root = config.feature_cache_dir or files.join(
-        os.path.dirname(os.path.abspath(config.workdir)) if not files.is_remote(config.workdir)
-        else config.workdir.rsplit('/', 1)[0], 'feature_cache')
-    key = bottleneck.cache_key(records, config.backbone, built.weights_sha256, image_size,
-                               head.needs_spatial)
-    cached = {split: bottleneck.cache_features(built.model, config.backbone, records, split,
-                                               image_size, head.needs_spatial,
-                                               files.join(cache_root, key), progress=config.progress)
-              for split in ('train', 'validation') if records.num_examples(split)}
-    trained, run_seed = head, config.seed
-
-    def train_fn(context):
-      return bottleneck.feature_dataset(cached['train'], True, global_batch, run_seed, context)
-
-    def eval_fn(context):
-      batch = context.get_per_replica_batch_size(global_batch)
-      return bottleneck.feature_dataset(cached['validation'], False, global_batch,
-                                        input_context=context).map(_pad_to(batch))
-  else:
-    trained, run_seed = model, config.seed
-
-    def train_fn(context):
-      return data.make_dataset(records, 'train', training=True, batch_size=global_batch,
-                               config=input_config, backbone=None, seed=run_seed,
-                               input_context=context)
-
-    def eval_fn(context):
-      batch = context.get_per_replica_batch_size(global_batch)
-      return data.make_dataset(records, 'validation', training=False, batch_size=global_batch,
-                               config=input_config, backbone=None,
-                               input_context=context).map(_pad_to(batch))
-
+    built = backbones.build(config.backbone, input_config.image_size, weights)
+    model, head = _build_models(config, records, built, input_config.image_size, init_run)
+  features_head, train_fn, eval_fn = _input_functions(config, input_config, records, built, head)
+  trained = features_head or model
+  steps_per_epoch = config.steps_per_epoch or max(1, records.num_examples('train') //
+                                                  config.batch_size)
   with strategy.scope():
     optimizer = make_optimizer(config, steps_per_epoch)
     optimizer = distribute.wrap_optimizer(optimizer, config.mixed_precision) if loss_scaling \
@@ -573,10 +590,6 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
     optimizer.build(trained.trainable_variables)
     step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
   checkpoint = tf.train.Checkpoint(model=trained, optimizer=optimizer, step=step_counter)
-  manager = tf.train.CheckpointManager(checkpoint, files.join(write_dir, 'checkpoints'),
-                                       max_to_keep=config.keep_checkpoints)
-  best_manager = tf.train.CheckpointManager(checkpoint, files.join(write_dir, 'checkpoints', 'best'),
-                                            max_to_keep=1)
   history_path = files.join(config.workdir, 'history.json')
   history = []
   latest = tf.train.latest_checkpoint(files.join(config.workdir, 'checkpoints'))  # The chief's.
@@ -585,32 +598,72 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
     if tf.io.gfile.exists(history_path):
       with tf.io.gfile.GFile(history_path) as f:
         history = json.load(f)
-    # A fresh data order after a restart: the stream continues the run's distribution without
-    # replaying the batches already seen.
-    run_seed = config.seed + int(step_counter.numpy())
-  start_step = int(step_counter.numpy())
-
-  train_iterator = iter(strategy.distribute_datasets_from_function(train_fn))
+  # After a restart the data stream is reseeded with the step: it continues the run's
+  # distribution without replaying the batches already seen.
+  seed = config.seed + int(step_counter.numpy())
+  loop = _Loop(config, strategy, records, trained, optimizer, checkpoint, step_counter, write_dir,
+               chief, jit_compile, steps_per_epoch, history, history_path)
   eval_dataset = (strategy.distribute_datasets_from_function(eval_fn)
                   if records.num_examples('validation') else None)
-  multi_steps = {}  # One compiled loop per loss (LDAM re-weighting switches it once).
-  evaluate = make_evaluator(strategy, trained)
-  writer = tf.summary.create_file_writer(files.join(write_dir, 'tensorboard')) if chief else None
-  progress = _Progress(config.progress and chief, writer, total_steps, start_step)
-  best = max((entry['validation']['top1'] for entry in history if entry.get('validation')),
-             default=-1.0)
+  loop.run(iter(strategy.distribute_datasets_from_function(train_fn(seed))), eval_dataset)
+  if loop.best_manager.latest_checkpoint:  # The run's result is its best validation epoch.
+    checkpoint.restore(loop.best_manager.latest_checkpoint).assert_existing_objects_matched()
+  if not chief:
+    tf.io.gfile.rmtree(write_dir)
+  return _finish(config, input_config, records, model, head, built, weights, history, chief)
 
-  try:
+
+class _Loop:
+  """Epochs of `--steps_per_call` steps, progress, validation, checkpoints (latest and best)."""
+
+  def __init__(self, config: TrainConfig, strategy, records, trained, optimizer, checkpoint,
+               step_counter, write_dir: str, chief: bool, jit_compile: bool, steps_per_epoch: int,
+               history: list, history_path: str):
+    self.config, self.strategy, self.records = config, strategy, records
+    self.trained, self.optimizer, self.jit_compile = trained, optimizer, jit_compile
+    self.checkpoint, self.step_counter = checkpoint, step_counter
+    self.chief, self.steps_per_epoch = chief, steps_per_epoch
+    self.history, self.history_path = history, history_path
+    self.manager = tf.train.CheckpointManager(checkpoint, files.join(write_dir, 'checkpoints'),
+                                              max_to_keep=config.keep_checkpoints)
+    self.best_manager = tf.train.CheckpointManager(
+        checkpoint, files.join(write_dir, 'checkpoints', 'best'), max_to_keep=1)
+    self.writer = (tf.summary.create_file_writer(files.join(write_dir, 'tensorboard'))
+                   if chief else None)
+    self.multi_steps = {}  # One compiled loop per loss (LDAM re-weighting switches it once).
+    self.evaluate = make_evaluator(strategy, trained)
+
+  def _multi_step(self, epoch: int) -> Callable:
+    config = self.config
+    key = bool(config.loss == 'ldam' and config.drw_epoch and epoch >= config.drw_epoch)
+    if key not in self.multi_steps:
+      loss_fn = make_loss(config, self.records.class_counts, epoch)
+      if config.triplet_weight > 0:
+        loss_fn = _with_triplet(loss_fn, self.trained, config)
+      self.multi_steps[key] = make_multi_step(self.strategy, make_train_step(
+          self.trained, self.optimizer, loss_fn, config.batch_size, self.jit_compile))
+    return self.multi_steps[key]
+
+  def run(self, train_iterator, eval_dataset) -> None:
+    start_step = int(self.step_counter.numpy())
+    try:
+      self._epochs(train_iterator, eval_dataset, start_step)
+    except (KeyboardInterrupt, errors.Terminated):
+      # Between two tf.function calls the state is consistent: keep what was trained so far.
+      if int(self.step_counter.numpy()) > start_step:
+        self.manager.save(checkpoint_number=int(self.step_counter.numpy()))
+      raise
+
+  def _epochs(self, train_iterator, eval_dataset, start_step: int) -> None:
+    config, steps_per_epoch = self.config, self.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    progress = _Progress(config.progress and self.chief, self.writer, total_steps, start_step)
+    best = max((entry['validation']['top1'] for entry in self.history
+                if entry.get('validation')), default=-1.0)
     step = start_step
     while step < total_steps:
       epoch = step // steps_per_epoch
-      loss_key = bool(config.loss == 'ldam' and config.drw_epoch and epoch >= config.drw_epoch)
-      if loss_key not in multi_steps:
-        loss_fn = make_loss(config, records.class_counts, epoch)
-        if config.triplet_weight > 0:
-          loss_fn = _with_triplet(loss_fn, trained, config)
-        multi_steps[loss_key] = make_multi_step(strategy, make_train_step(
-            trained, optimizer, loss_fn, global_batch, jit_compile))
+      multi_step = self._multi_step(epoch)
       epoch_end = (epoch + 1) * steps_per_epoch
       totals = np.zeros(4)  # Σ step losses, correct, examples, steps
       tick, tick_step = time.monotonic(), step
@@ -619,50 +672,42 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
                     config.log_every_steps - step % config.log_every_steps,
                     config.checkpoint_every_steps - step % config.checkpoint_every_steps)
         try:
-          summed = multi_steps[loss_key](train_iterator, tf.constant(count)).numpy()
+          summed = multi_step(train_iterator, tf.constant(count)).numpy()
         except tf.errors.DataLossError:  # tf.data's message does not say which file.
           raise records_lib.RecordsError(
-              records_lib.find_corrupt_shard(records.files('train'))) from None
+              records_lib.find_corrupt_shard(self.records.files('train'))) from None
         totals += [summed[0], summed[1], summed[2], count]
         step += count
-        step_counter.assign(step)
+        self.step_counter.assign(step)
         if step % config.log_every_steps == 0 or step == epoch_end:
           seconds = time.monotonic() - tick
-          progress.log(step, epoch, totals, float(optimizer.learning_rate.numpy()),
-                       (step - tick_step) * global_batch / max(seconds, 1e-9))
+          progress.log(step, epoch, totals, float(self.optimizer.learning_rate.numpy()),
+                       (step - tick_step) * config.batch_size / max(seconds, 1e-9))
           tick, tick_step = time.monotonic(), step
         if step % config.checkpoint_every_steps == 0 and step < epoch_end:
-          manager.save(checkpoint_number=step)
+          self.manager.save(checkpoint_number=step)
       entry = {'epoch': epoch + 1, 'step': step, 'loss': totals[0] / max(totals[3], 1),
                'accuracy': totals[1] / max(totals[2], 1)}
       if eval_dataset is not None:
-        entry['validation'] = evaluate(eval_dataset)
-        if writer is not None:
-          with writer.as_default(step=step):
-            for name in ('top1', 'top5', 'gap'):
-              tf.summary.scalar(f'validation/{name}', entry['validation'][name])
-        if config.progress and chief:
-          v = entry['validation']
-          print(f'epoch {epoch + 1}: validation top-1 {v["top1"]:.3f} top-5 {v["top5"]:.3f} '
-                f'GAP {v["gap"]:.3f} ({v["examples"]} images)', flush=True)
+        entry['validation'] = self._validate(eval_dataset, epoch, step)
         if entry['validation']['top1'] > best:
           best = entry['validation']['top1']
-          best_manager.save(checkpoint_number=step)
-      history.append(entry)
-      manager.save(checkpoint_number=step)
-      if chief:
-        files.write_atomically(history_path, json.dumps(history, indent=1))
-  except (KeyboardInterrupt, errors.Terminated):
-    # Between two tf.function calls the state is consistent: keep what was trained so far.
-    if int(step_counter.numpy()) > start_step:
-      manager.save(checkpoint_number=int(step_counter.numpy()))
-    raise
+          self.best_manager.save(checkpoint_number=step)
+      self.history.append(entry)
+      self.manager.save(checkpoint_number=step)
+      if self.chief:
+        files.write_atomically(self.history_path, json.dumps(self.history, indent=1))
 
-  if best_manager.latest_checkpoint:  # The run's result is its best validation epoch.
-    checkpoint.restore(best_manager.latest_checkpoint).assert_existing_objects_matched()
-  if not chief:
-    tf.io.gfile.rmtree(write_dir)
-  return _finish(config, input_config, records, model, head, built, weights, history, chief)
+  def _validate(self, eval_dataset, epoch: int, step: int) -> Dict[str, float]:
+    scores = self.evaluate(eval_dataset)
+    if self.writer is not None:
+      with self.writer.as_default(step=step):
+        for name in ('top1', 'top5', 'gap'):
+          tf.summary.scalar(f'validation/{name}', scores[name])
+    if self.config.progress and self.chief:
+      print(f'epoch {epoch + 1}: validation top-1 {scores["top1"]:.3f} top-5 {scores["top5"]:.3f} '
+            f'GAP {scores["gap"]:.3f} ({scores["examples"]} images)', flush=True)
+    return scores
 
 
 def _local_copy(path: str) -> str:
