@@ -1,5 +1,6 @@
 """Image fixing on ingest: orientation, colour, resizing, file reading, every way an image fails."""
 
+import hashlib
 import io
 import os
 import struct
@@ -29,14 +30,16 @@ def _encode(image, fmt, **kwargs):
 
 def test_large_jpeg_is_downsized_keeping_aspect():
   prepared = images.prepare_image(jpeg_bytes(1200, 800), max_side=300)
-  assert (prepared.width, prepared.height) == (300, 200)
+  assert (prepared.width, prepared.height) == (300, 200) and not prepared.unchanged
   assert _decode(prepared).size == (300, 200)
 
 
 def test_small_enough_rgb_jpeg_passes_through_unchanged():
   data = jpeg_bytes(200, 100)
   prepared = images.prepare_image(data, max_side=640)
+  # The size is the stored one, not that of the 1/8-scale decode that checked the file.
   assert prepared.jpeg == data and (prepared.width, prepared.height) == (200, 100)
+  assert prepared.unchanged
 
 
 def test_never_upscales():
@@ -91,12 +94,106 @@ def test_truncated_image_is_rejected_even_without_resize():
     images.prepare_image(jpeg_bytes(400, 300)[:-2000])
 
 
+def _textured_jpeg(progressive=False):
+  """A noisy 160x120 JPEG: photo-like scan data, in which damage lands as it would in a photo."""
+  noise = np.random.default_rng(7).integers(-40, 41, size=(120, 160, 3))
+  pixels = np.clip(np.asarray(pattern_image(160, 120, seed=7), np.int16) + noise, 0, 255)
+  return _encode(Image.fromarray(pixels.astype(np.uint8)), 'JPEG', quality=90,
+                 progressive=progressive)
+
+
+def _full_decode_accepts(data):
+  try:
+    Image.open(io.BytesIO(data)).load()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+@pytest.mark.parametrize('progressive', [False, True])
+def test_pass_through_check_rejects_what_a_full_decode_rejects(progressive):
+  data = _textured_jpeg(progressive)
+  assert images.prepare_image(data).unchanged  # The 1/8-scale check is the path under test.
+  rng = np.random.default_rng(int(progressive))
+  scan = data.index(b'\xff\xda') + 20  # Past the (first) scan header.
+  damaged = [data[:end] for end in range(0, len(data), len(data) // 64)] + [data[:-2]]
+  num_truncated = len(damaged)
+  for _ in range(150):  # 1–64 bytes of the scan overwritten with noise.
+    length = int(rng.integers(1, 65))
+    start = int(rng.integers(scan, len(data) - 2 - length))
+    damaged.append(data[:start] + rng.bytes(length) + data[start + length:])
+  accepted = []
+  for copy in damaged:
+    try:
+      accepted.append(images.prepare_image(copy).jpeg == copy)
+    except images.ImageError as error:
+      assert str(error).startswith(('corrupt or truncated', 'empty file', 'not a readable image'))
+      accepted.append(False)
+  assert accepted == [_full_decode_accepts(copy) for copy in damaged]
+  assert not any(accepted[:num_truncated])
+  # libjpeg shrugs off most noise in entropy-coded data (a full decode too): both verdicts occur.
+  overwritten = accepted[num_truncated:]
+  assert overwritten.count(False) >= 10 and overwritten.count(True) >= 50
+
+
+@pytest.mark.parametrize('damage', ['marker in the scan', 'truncated progressive'])
+def test_damaged_jpeg_needing_no_change_is_rejected(damage):
+  data = _textured_jpeg(progressive=damage == 'truncated progressive')
+  middle = (data.index(b'\xff\xda') + len(data)) // 2
+  if damage == 'marker in the scan':  # A second start-of-frame where entropy-coded data should be.
+    data = data[:middle] + b'\xff\xc0' + data[middle + 2:]
+  else:
+    data = data[:middle]
+  with pytest.raises(images.ImageError, match='corrupt or truncated'):
+    images.prepare_image(data)
+
+
 def test_file_lookup_tries_candidates_and_reports_missing(tmp_path):
   (tmp_path / 'b.jpg').write_bytes(jpeg_bytes(64, 64))
   found = images.prepare_image_file([str(tmp_path / 'a.jpg'), str(tmp_path / 'b.jpg')], 0, 90)
   assert (found.width, found.height) == (64, 64)
   with pytest.raises(images.ImageError, match='missing image file'):
     images.prepare_image_file([str(tmp_path / 'nope.jpg')], 0, 90)
+
+
+def test_chunk_worker_names_unchanged_files_when_asked(tmp_path):
+  unchanged, large = jpeg_bytes(64, 64), jpeg_bytes(400, 200)
+  (tmp_path / 'nested').mkdir()
+  (tmp_path / 'nested' / 'a.jpg').write_bytes(unchanged)
+  (tmp_path / 'large.jpg').write_bytes(large)
+  (tmp_path / 'bad.jpg').write_bytes(unchanged[:-300])
+  path_lists = [[str(tmp_path / 'a.jpg'), str(tmp_path / 'nested' / 'a.jpg')],
+                [str(tmp_path / 'large.jpg')], [str(tmp_path / 'bad.jpg')]]
+  named, resized, bad = images.prepare_image_files(path_lists, 100, 90, name_unchanged_files=True)
+  assert named == images.UnchangedFile(str(tmp_path / 'nested' / 'a.jpg'), len(unchanged),
+                                       hashlib.sha256(unchanged).hexdigest(), 64, 64)
+  assert isinstance(resized, images.PreparedImage) and (resized.width, resized.height) == (100, 50)
+  assert bad.startswith('corrupt or truncated')
+  assert images.read_unchanged(named) == unchanged
+  # Without the option, the bytes themselves come back.
+  assert images.prepare_image_files(path_lists[:1], 100, 90)[0].jpeg == unchanged
+
+
+@pytest.mark.parametrize('change', ['rewritten', 'same size, other bytes', 'grown', 'removed',
+                                    'fifo'])
+def test_unchanged_file_read_again_must_hold_the_checked_bytes(tmp_path, change):
+  path = tmp_path / 'a.jpg'
+  path.write_bytes(jpeg_bytes(64, 64, seed=1))
+  named = images.prepare_image_files([[str(path)]], 0, 90, name_unchanged_files=True)[0]
+  path.unlink()
+  if change == 'rewritten':
+    path.write_bytes(jpeg_bytes(64, 64, seed=2))
+  elif change == 'same size, other bytes':
+    path.write_bytes(bytes(named.num_bytes))
+  elif change == 'grown':
+    path.write_bytes(jpeg_bytes(64, 64, seed=1) + b'\0')
+  elif change == 'fifo':
+    if not hasattr(os, 'mkfifo'):
+      pytest.skip('needs FIFOs')
+    os.mkfifo(path)
+  outcome = _within_seconds(10, images.read_unchanged, named)
+  assert isinstance(outcome, images.ImageError)
+  assert str(outcome) == f'{path} changed or disappeared after it was checked'
 
 
 def test_chunk_worker_returns_reasons_instead_of_raising(tmp_path):

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,10 +40,11 @@ def test_planted_bad_rows_leave_exactly_the_good_rows(tmp_path):
   assert sorted(written) == sorted(image_id for image_id, _ in GOOD_ROWS)
   assert manifest['skipped']['total'] == 9
   assert manifest['skipped']['by_reason'] == {
-      'empty file': 1, 'corrupt or truncated image': 1, 'not a readable image': 1, 'image too small': 1,
-      'missing image file': 1, 'duplicate id': 1, "landmark_id 'None' is not a non-negative integer": 1,
-      'unsafe id': 1, 'empty id': 1}
-  assert manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples'] == 18
+      'empty file': 1, 'corrupt or truncated image': 1, 'not a readable image': 1,
+      'image too small': 1, 'missing image file': 1, 'duplicate id': 1,
+      "landmark_id 'None' is not a non-negative integer": 1, 'unsafe id': 1, 'empty id': 1}
+  splits = manifest['splits']
+  assert splits['train']['examples'] + splits['validation']['examples'] == 18
   assert not tf.io.gfile.exists(os.path.join(manifest['config']['output_dir'], records.STAGING))
 
 
@@ -65,8 +67,10 @@ def test_round_trip_ids_labels_and_pixels(tmp_path):
     assert np.abs(example['pixels'].astype(float) - source).mean() < 2.0
   # Shards: DELF naming, sizes near examples_per_shard, counts consistent with the manifest.
   shards = manifest['splits']['train']['shards']
-  assert [s['file'] for s in shards] == [f'train-{i:05d}-of-{len(shards):05d}' for i in range(len(shards))]
-  assert sum(s['examples'] for s in shards) == len(train) and max(s['examples'] for s in shards) <= 7
+  assert [s['file'] for s in shards] == [f'train-{i:05d}-of-{len(shards):05d}'
+                                          for i in range(len(shards))]
+  assert sum(s['examples'] for s in shards) == len(train)
+  assert max(s['examples'] for s in shards) <= 7
 
 
 def test_resize_on_ingest_and_nested_delf_layout(tmp_path):
@@ -169,6 +173,74 @@ def test_resume_finishes_an_interrupted_staging_phase(tmp_path, monkeypatch):
   assert total == 300
 
 
+def _shard_bytes(output_dir):
+  return {name: open(os.path.join(output_dir, name), 'rb').read()
+          for name in sorted(os.listdir(output_dir)) if '-of-' in name}
+
+
+def test_unchanged_local_images_are_named_in_staging_not_copied(tmp_path):
+  rows = [('abcdef01', 1), ('abcdef02', 1), ('bcdef003', 2), ('bcdef004', 2)]
+  image_dir = write_dataset(tmp_path, rows, sizes={'abcdef02': (400, 200)})
+  (image_dir / 'a' / 'b' / 'c').mkdir(parents=True)
+  (image_dir / 'abcdef01.jpg').rename(image_dir / 'a' / 'b' / 'c' / 'abcdef01.jpg')
+  config = config_for(tmp_path, max_image_size=100, validation_fraction=0, keep_staging=True)
+  output_dir = ingest.build_records(config)['config']['output_dir']
+
+  train = read_split(output_dir, 'train')
+  sources = {image_id: next(image_dir.rglob(f'{image_id}.jpg')) for image_id, _ in rows}
+  for image_id in ('abcdef01', 'bcdef003', 'bcdef004'):  # 96x72: passed through.
+    assert train[image_id][schema.ENCODED] == sources[image_id].read_bytes()
+  assert train['abcdef02']['pixels'].shape == (50, 100, 3)
+  staging = tmp_path / 'records' / records.STAGING
+  (results,) = [json.loads(path.read_text()) for path in staging.glob('chunk-*.json')]
+  named = {entry[0]: entry[5] for entry in results if entry[5]}
+  assert named == {image_id: str(sources[image_id]) for image_id in ('abcdef01', 'bcdef003',
+                                                                      'bcdef004')}
+  (copied,) = staging.glob('chunk-*.jpegs')  # Only the resized image's JPEG.
+  assert copied.read_bytes() == train['abcdef02'][schema.ENCODED]
+
+
+def test_image_changed_after_staging_stops_the_build_and_resume_finishes_it(tmp_path, monkeypatch):
+  write_dataset(tmp_path, GOOD_ROWS)
+  reference = ingest.build_records(config_for(tmp_path, output_dir=str(tmp_path / 'reference'),
+                                              max_image_size=0))
+  victim = tmp_path / 'images' / 'good05.jpg'
+  original = victim.read_bytes()
+  real_stage = ingest._stage  # pylint: disable=protected-access
+
+  def stage_then_change_an_image(*args):
+    real_stage(*args)
+    victim.write_bytes(original[:-100])
+  monkeypatch.setattr(ingest, '_stage', stage_then_change_an_image)
+  config = config_for(tmp_path, max_image_size=0)
+  message = (f'{victim} changed or disappeared after it was checked; restore it, or rebuild '
+             'with --overwrite')
+  with pytest.raises(ingest.BuildError, match=f'^{re.escape(message)}$'):
+    ingest.build_records(config)
+  monkeypatch.undo()
+  victim.write_bytes(original)
+  config.resume = True
+  ingest.build_records(config)
+  assert _shard_bytes(config.output_dir) == _shard_bytes(reference['config']['output_dir'])
+
+
+def test_images_from_a_remote_folder_are_copied_into_staging(tmp_path):
+  write_dataset(tmp_path, GOOD_ROWS)
+  # A URL scheme: read through tf.io.gfile like gs://, where reading each file again in the shard
+  # pass would cost a request per image.
+  config = config_for(tmp_path, image_dir=f'file://{tmp_path / "images"}', max_image_size=0,
+                      keep_staging=True)
+  output_dir = ingest.build_records(config)['config']['output_dir']
+  staging = tmp_path / 'records' / records.STAGING
+  assert not [entry for path in staging.glob('chunk-*.json')
+              for entry in json.loads(path.read_text()) if entry[5]]
+  copied = sum(path.stat().st_size for path in staging.glob('chunk-*.jpegs'))
+  assert copied == sum(path.stat().st_size for path in (tmp_path / 'images').iterdir())
+  written = {**read_split(output_dir, 'train'), **read_split(output_dir, 'validation')}
+  for image_id, example in written.items():
+    assert example[schema.ENCODED] == (tmp_path / 'images' / f'{image_id}.jpg').read_bytes()
+
+
 def test_shards_load_with_tensorflow_datasets(tmp_path):
   import tensorflow_datasets as tfds
   write_dataset(tmp_path, GOOD_ROWS)
@@ -189,7 +261,8 @@ def test_real_photo_set_builds_with_expected_counts(tmp_path):
       test_csv=str(REAL_DATA / 'test.csv'), image_dir=str(REAL_DATA / 'images'),
       validation_fraction=0.1, max_image_size=0, num_workers=2, progress=False))
   assert manifest['num_classes'] == 8
-  assert manifest['splits']['train']['examples'] + manifest['splits']['validation']['examples'] == 58
+  splits = manifest['splits']
+  assert splits['train']['examples'] + splits['validation']['examples'] == 58
   assert manifest['splits']['test']['examples'] == 67
   assert manifest['skipped']['total'] == 0
   train = read_split(output_dir, 'train')
@@ -200,7 +273,8 @@ def test_real_photo_set_builds_with_expected_counts(tmp_path):
     source = np.asarray(Image.open(REAL_DATA / 'images' / f'{image_id}.jpg').convert('RGB'))
     # JPEGs that need no change pass through byte for byte.
     assert example[schema.ENCODED] == (REAL_DATA / 'images' / f'{image_id}.jpg').read_bytes()
-    assert np.abs(example['pixels'].astype(float) - source).mean() < 2.5  # Decoders differ slightly.
+    # Decoders differ slightly.
+    assert np.abs(example['pixels'].astype(float) - source).mean() < 2.5
 
 
 def _run_cli(*args):
@@ -248,7 +322,8 @@ def test_synthetic_world_round_trips_through_the_builder(tmp_path):
       image_dir=str(world / 'images'), validation_fraction=0.2, singletons=Singletons.TRAIN,
       max_image_size=128, examples_per_shard=16, num_workers=2, progress=False))
   assert manifest['skipped']['total'] == 0
-  train_rows = {row['id']: int(row['landmark_id']) for row in csv.DictReader(open(world / 'train.csv'))}
+  train_rows = {row['id']: int(row['landmark_id'])
+                for row in csv.DictReader(open(world / 'train.csv'))}
   test_ids = {row['id'] for row in csv.DictReader(open(world / 'test.csv'))}
   labelled = {**read_split(output_dir, 'train'), **read_split(output_dir, 'validation')}
   test = read_split(output_dir, 'test')

@@ -2,14 +2,16 @@
 
 The build runs in two phases so that the split sees only images that could actually be read:
 
-1. *Staging.* Every row (train and test, in a seeded shuffled order so that shards mix classes even
-   when a CSV is sorted by landmark) is read, oriented, converted to RGB, resized and JPEG-encoded by a
-   pool of worker processes. Each chunk of rows becomes a staging file of concatenated JPEGs plus a JSON
-   list of per-row results with their byte lengths; a chunk is complete once its JSON exists, which is
-   what `--resume` relies on.
-2. *Sharding.* The stratified split runs on the readable train rows, then one sequential pass over the
-   staging files writes `train-/validation-/test-NNNNN-of-NNNNN` shards, each under a temporary name
-   renamed when complete.
+1. *Staging.* Every row (train and test, in a seeded shuffled order so that shards mix classes
+   even when a CSV is sorted by landmark) is read, oriented, converted to RGB, resized and
+   JPEG-encoded by a pool of worker processes. Each chunk of rows becomes a staging file of
+   concatenated JPEGs plus a JSON list of per-row results with their byte lengths; a chunk is
+   complete once its JSON exists, which is what `--resume` relies on. A local image that passes
+   through unchanged is not copied: its entry names the file and its SHA-256.
+2. *Sharding.* The stratified split runs on the readable train rows, then one sequential pass over
+   the staging files (and the unchanged images, checked against their SHA-256) writes
+   `train-/validation-/test-NNNNN-of-NNNNN` shards, each under a temporary name renamed when
+   complete.
 
 `manifest.json` is written last: a folder without it is an unfinished build.
 """
@@ -26,13 +28,12 @@ import os
 import posixpath
 import random
 import signal
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 import tqdm
 
 from tf_landmarks import csv_io
-from tf_landmarks import download
 from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images
@@ -43,10 +44,12 @@ from tf_landmarks import splits
 from tf_landmarks.settings import setting
 
 _FINGERPRINT = 'fingerprint.json'
-_STAGING_FORMAT = 2  # 2: chunk-N.jpegs (concatenated JPEGs) + chunk-N.json with byte lengths.
-# Rows per staging chunk: large enough to amortise a file per chunk, small enough that a few thousand
-# rows still spread over all workers. Depends on the row count only, so that --resume finds the same
-# chunks whatever --num_workers is.
+# 2: chunk-N.jpegs (concatenated JPEGs) + chunk-N.json with byte lengths. 3: unchanged local images
+# are named (path and SHA-256), not copied, and chunk-N.jpegs is absent when nothing was copied.
+_STAGING_FORMAT = 3
+# Rows per staging chunk: large enough to amortise a file per chunk, small enough that a few
+# thousand rows still spread over all workers. Depends on the row count only, so that --resume finds
+# the same chunks whatever --num_workers is.
 _MIN_CHUNK_SIZE, _MAX_CHUNK_SIZE = 16, 256
 _MIN_CHUNKS = 64
 _LOCK = '.lock'
@@ -73,8 +76,8 @@ class BuildConfig:
   test_csv: Optional[str] = setting(
       None, 'Optional test CSV with columns id,url; its images become the unlabelled test split.')
   train_clean_csv: Optional[str] = setting(
-      None, 'Optional GLDv2 train_clean.csv (landmark_id,images with space-separated ids): train is '
-      'restricted to this clean subset. May be given without --train_csv.')
+      None, 'Optional GLDv2 train_clean.csv (landmark_id,images with space-separated ids): train '
+      'is restricted to this clean subset. May be given without --train_csv.')
   image_dir: Optional[str] = setting(
       None, "Folder with the images as <id>.jpg or in DELF's nested layout a/b/c/<id>.jpg (any "
       'format Pillow reads, despite the .jpg name). Any tf.io.gfile path (gs://…) works.')
@@ -90,9 +93,9 @@ class BuildConfig:
       lower=0.1, runtime=True)
   download_max_bytes: int = setting(50 * 2**20, 'Largest image file accepted, bytes.', lower=1)
   download_allow_private_hosts: bool = setting(
-      False, 'Also fetch from loopback, private, link-local and other non-public addresses (refused '
-      'by default: a CSV could otherwise make the builder query internal services such as a cloud '
-      "VM's metadata server).", runtime=True)
+      False, 'Also fetch from loopback, private, link-local and other non-public addresses '
+      '(refused by default: a CSV could otherwise make the builder query internal services such '
+      "as a cloud VM's metadata server).", runtime=True)
   validation_fraction: float = setting(
       0.1, 'Share of each class sent to validation (stratified per class; every class keeps at '
       'least one training image).', lower=0.0, upper=0.99)
@@ -110,14 +113,14 @@ class BuildConfig:
       images.MIN_IMAGE_SIDE, 'Images whose shorter side is smaller (before or after resizing) are '
       'skipped.', lower=1)
   max_file_bytes: int = setting(
-      images.MAX_FILE_BYTES, 'Largest image file read from --image_dir, bytes; larger files are skipped.',
-      lower=1)
+      images.MAX_FILE_BYTES,
+      'Largest image file read from --image_dir, bytes; larger files are skipped.', lower=1)
   examples_per_shard: int = setting(1024, 'Target number of examples per shard.', lower=1)
   num_workers: int = setting(
       2, 'Image-processing processes; 1 works in this process.', lower=1, runtime=True)
   resume: bool = setting(
-      False, 'Continue an interrupted build in --output_dir, skipping finished work (the inputs and '
-      'settings must be the same).', runtime=True)
+      False, 'Continue an interrupted build in --output_dir, skipping finished work (the inputs '
+      'and settings must be the same).', runtime=True)
   overwrite: bool = setting(
       False, 'Delete a build already in --output_dir (only files a build writes).', runtime=True)
   keep_staging: bool = setting(
@@ -220,7 +223,7 @@ def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
 
 
 def _fingerprint(config: BuildConfig, sources: Dict[str, dict]) -> dict:
-  """What must be equal for `--resume` to continue a build: inputs and every setting that shapes it."""
+  """What must be equal for `--resume` to continue a build: inputs and every shaping setting."""
   # Staging written by a tool version with another staging layout cannot be continued.
   return {'sources': {name: info['sha256'] for name, info in sources.items()},
           'staging_format': _STAGING_FORMAT, **settings.fingerprint(config)}
@@ -241,7 +244,8 @@ def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
       train, bad = csv_io.apply_clean_subset(train, clean, config.train_csv)
       skipped += bad
     else:
-      train = [csv_io.ImageRow(image_id, '', landmark_id) for image_id, landmark_id in clean.items()]
+      train = [csv_io.ImageRow(image_id, '', landmark_id)
+               for image_id, landmark_id in clean.items()]
   if config.test_csv:
     rows, bad = csv_io.read_test_csv(config.test_csv)
     skipped += bad
@@ -249,7 +253,8 @@ def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
     train_ids = {row.image_id for row in train}
     for row in rows:
       if row.image_id in train_ids:
-        skipped.append(csv_io.SkippedRow(config.test_csv, 0, row.image_id, 'id also in the train CSV'))
+        skipped.append(csv_io.SkippedRow(config.test_csv, 0, row.image_id,
+                                         'id also in the train CSV'))
       else:
         test.append(row)
   source_info = {name: {'path': path, 'sha256': csv_io.file_sha256(path)}
@@ -264,6 +269,8 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
   Returns:
     The cache folder, and the ids that have no image in it.
   """
+  # Imported here: its HTTP and TLS modules cost every build that reads --image_dir ~35 ms.
+  from tf_landmarks import download  # pylint: disable=g-import-not-at-top
   cache_dir = config.download_dir or files.join(config.output_dir, 'downloads')
   without_url = [row for row in rows if not row.url]
   if len(without_url) == len(rows):
@@ -274,7 +281,8 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
       num_threads=config.download_threads, timeout_s=config.download_timeout_s,
       max_bytes=config.download_max_bytes,
       allow_private_hosts=config.download_allow_private_hosts, progress=config.progress)
-  skipped += [csv_io.SkippedRow('download', 0, failure.image_id, f'download failed: {failure.reason}')
+  skipped += [csv_io.SkippedRow('download', 0, failure.image_id,
+                                f'download failed: {failure.reason}')
               for failure in report.failures]
   skipped += [csv_io.SkippedRow('download', 0, row.image_id, 'no url to download')
               for row in without_url]
@@ -289,10 +297,11 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
 def _check_some_images_exist(image_dir: str, rows: Sequence[_Row]) -> None:
   """Fails fast, before hours of work, when --image_dir is plainly wrong."""
   sample = random.Random(0).sample(list(rows), min(len(rows), 50))
-  if not any(tf.io.gfile.exists(path) for row in sample for path in image_paths(image_dir, row.image_id)):
+  if not any(tf.io.gfile.exists(path)
+             for row in sample for path in image_paths(image_dir, row.image_id)):
     example = image_paths(image_dir, sample[0].image_id)
-    raise BuildError(f'none of {len(sample)} sampled images was found under --image_dir={image_dir} '
-                     f'(looked for e.g. {" and ".join(example)}).')
+    raise BuildError(f'none of {len(sample)} sampled images was found under '
+                     f'--image_dir={image_dir} (looked for e.g. {" and ".join(example)}).')
 
 
 def _chunk_size(num_rows: int) -> int:
@@ -302,6 +311,28 @@ def _chunk_size(num_rows: int) -> int:
 def _chunk_paths(staging: str, chunk: int) -> tuple[str, str]:
   stem = files.join(staging, f'chunk-{chunk:06d}')
   return f'{stem}.jpegs', f'{stem}.json'
+
+
+class _Staged(NamedTuple):
+  """One row's staging entry, a JSON list in the chunk's JSON file.
+
+  Attributes:
+    image_id: the row's id.
+    reason: why the row is unusable; empty if it is usable.
+    height: image height in pixels.
+    width: image width in pixels.
+    num_bytes: length of its JPEG.
+    path: for an unchanged image that was not copied, its file; empty if the JPEG is in the
+      chunk's .jpegs file.
+    sha256: hex SHA-256 of the file at `path`.
+  """
+  image_id: str
+  reason: str
+  height: int
+  width: int
+  num_bytes: int
+  path: str
+  sha256: str
 
 
 def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
@@ -318,21 +349,34 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
     jpegs_path, results_path = _chunk_paths(staging, chunk_index)
     entries, jpegs = [], []
     for row, result in zip(chunks[chunk_index], results):
-      if isinstance(result, images.PreparedImage):
+      if isinstance(result, images.UnchangedFile):
+        entries.append(_Staged(row.image_id, '', result.height, result.width, result.num_bytes,
+                               result.path, result.sha256))
+      elif isinstance(result, images.PreparedImage):
         jpegs.append(result.jpeg)
-        entries.append([row.image_id, '', result.height, result.width, len(result.jpeg)])
+        entries.append(_Staged(row.image_id, '', result.height, result.width, len(result.jpeg),
+                               '', ''))
       else:
-        entries.append([row.image_id, result, 0, 0, 0])
+        entries.append(_Staged(row.image_id, result, 0, 0, 0, '', ''))
     # One plain write per chunk: the main process shares the cores with the workers, and a
     # TFRecordWriter per chunk plus per-record framing cost it ~0.1 ms per image.
-    files.write_atomically(jpegs_path, b''.join(jpegs))
+    if jpegs:
+      files.write_atomically(jpegs_path, b''.join(jpegs))
     files.write_atomically(results_path, json.dumps(entries))
     bar.update(len(results))
+
+  # Unchanged images are named rather than copied when they are local: the workers then send the
+  # main process a path instead of the bytes, and the staging holds no second copy of them.
+  # Receiving, writing and reading back ~75 KB per photo cost the main process ~0.2 ms of CPU per
+  # image, more than it now spends reading and hashing the file again (0.08 ms). A remote folder
+  # is still copied: the shard pass reads files one after the other, and one request per image
+  # would make it as slow as the storage's latency.
+  name_unchanged_files = not files.is_remote(image_dir)
 
   def job(chunk_index: int):
     return (chunk_index, [image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
             config.max_image_size, config.jpeg_quality, config.min_image_side,
-            config.max_file_bytes)
+            config.max_file_bytes, name_unchanged_files)
 
   if config.num_workers <= 1:
     for chunk_index in pending:
@@ -354,16 +398,16 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
 
 def _prepare_chunk(job: tuple) -> tuple:
   """Worker task: (chunk index, paths, settings…) → (chunk index, per-row results)."""
-  chunk_index, path_lists, max_side, jpeg_quality, min_side, max_file_bytes = job
-  return chunk_index, images.prepare_image_files(path_lists, max_side, jpeg_quality, min_side,
-                                                 max_file_bytes)
+  chunk_index, path_lists, *settings_of_job = job
+  return chunk_index, images.prepare_image_files(path_lists, *settings_of_job)
 
 
 def _init_worker(parent_pid: int) -> None:
   """Makes a worker die with the build: Ctrl-C is the main process's to report, and a killed main
   process (even SIGKILL) takes its workers with it instead of leaving them running."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Not the main process's handler, inherited by fork.
+  # Not the main process's handler, which fork would otherwise pass on.
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   try:
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -373,25 +417,44 @@ def _init_worker(parent_pid: int) -> None:
     os._exit(1)  # pylint: disable=protected-access
 
 
-def _read_staged_results(staging: str, num_chunks: int) -> List[list]:
-  """Per row, in row order, the entry [image_id, reason, height, width, num_bytes]."""
+def _read_staged_results(staging: str, num_chunks: int) -> List[_Staged]:
+  """Per row, in row order, its staging entry."""
   results = []
   for chunk in range(num_chunks):
     with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[1]) as f:
-      results.extend(json.load(f))
+      results.extend(_Staged(*entry) for entry in json.load(f))
   return results
 
 
-def _staged_jpegs(staging: str, staged: List[list]) -> Iterable[Optional[bytes]]:
-  """Per row, in row order, its staged JPEG (None for an unusable row); one chunk in memory at a time."""
+def _read_unchanged(entry: _Staged) -> bytes:
+  """The JPEG of an entry that names its file, checked to be the bytes that were staged."""
+  try:
+    return images.read_unchanged(images.UnchangedFile(entry.path, entry.num_bytes, entry.sha256,
+                                                      entry.height, entry.width))
+  except images.ImageError as error:
+    # The split is decided: skipping the image now could leave a class without its validation
+    # or training examples, so the build stops instead.
+    raise BuildError(f'{error}; restore it, or rebuild with --overwrite') from None
+
+
+def _staged_jpegs(staging: str, staged: List[_Staged]) -> Iterable[Optional[bytes]]:
+  """Per row, in row order, its JPEG (None for an unusable row); one chunk in memory at a time."""
   size = _chunk_size(len(staged))
   for chunk, start in enumerate(range(0, len(staged), size)):
-    with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[0], 'rb') as f:
-      data = f.read()
+    entries = staged[start:start + size]
+    data = b''
+    if any(not entry.reason and not entry.path for entry in entries):
+      with tf.io.gfile.GFile(_chunk_paths(staging, chunk)[0], 'rb') as f:
+        data = f.read()
     offset = 0
-    for _, reason, _, _, num_bytes in staged[start:start + size]:
-      yield None if reason else data[offset:offset + num_bytes]
-      offset += num_bytes
+    for entry in entries:
+      if entry.reason:
+        yield None
+      elif entry.path:
+        yield _read_unchanged(entry)
+      else:
+        yield data[offset:offset + entry.num_bytes]
+        offset += entry.num_bytes
 
 
 class _ShardWriter:
@@ -446,7 +509,7 @@ class _ShardWriter:
       raise AssertionError(f'{self.split}: wrote {self._written} examples, expected {self.total}')
 
 
-def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
+def _write_shards(config: BuildConfig, staged: List[_Staged], rows: Sequence[_Row],
                   split: splits.Split, train_positions: List[int]) -> Dict[str, _ShardWriter]:
   """Phase 2: routes staged images into split shards in one sequential pass."""
   destination = {}  # position in `rows` → split name
@@ -457,7 +520,7 @@ def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
     destination[position_of_train_index[index]] = 'validation'
   duplicated = {position_of_train_index[index] for index in split.duplicated}
   for position, row in enumerate(rows):
-    if row.landmark_id is None and not staged[position][1]:
+    if row.landmark_id is None and not staged[position].reason:
       destination[position] = 'test'
   totals = collections.Counter(destination.values())
   totals['validation'] += len(duplicated)
@@ -467,19 +530,19 @@ def _write_shards(config: BuildConfig, staged: List[list], rows: Sequence[_Row],
   staging = files.join(config.output_dir, records.STAGING)
   bar = tqdm.tqdm(total=sum(totals.values()), unit='ex', desc='shards', disable=not config.progress)
   jpegs = _staged_jpegs(staging, staged)
-  for position, ((image_id, _, height, width, _), jpeg) in enumerate(zip(staged, jpegs)):
+  for position, (entry, jpeg) in enumerate(zip(staged, jpegs)):
     name = destination.get(position)
     if name is not None:
       row = rows[position]
       label = split.label_of_landmark[row.landmark_id] if name != 'test' else schema.NO_LABEL
       landmark_id = row.landmark_id if name != 'test' else schema.NO_LABEL
-      writers[name].write(schema.serialize_example(image_id, jpeg, height, width, label,
-                                                   landmark_id))
+      writers[name].write(schema.serialize_example(entry.image_id, jpeg, entry.height, entry.width,
+                                                   label, landmark_id))
       if position in duplicated:
         copy = images.distorted_copy(jpeg, seed=config.seed + position,
                                      jpeg_quality=config.jpeg_quality)
         writers['validation'].write(schema.serialize_example(
-            image_id, copy.jpeg, copy.height, copy.width, label, landmark_id))
+            entry.image_id, copy.jpeg, copy.height, copy.width, label, landmark_id))
         bar.update()
       bar.update()
   bar.close()
@@ -560,9 +623,10 @@ def _build(config: BuildConfig, train_rows: List[csv_io.ImageRow], test_rows: Li
   staging = files.join(config.output_dir, records.STAGING)
   num_chunks = math.ceil(len(rows) / _chunk_size(len(rows)))
   staged = _read_staged_results(staging, num_chunks)
-  skipped += [csv_io.SkippedRow('image', 0, image_id, reason)
-              for image_id, reason, _, _, _ in staged if reason]
-  train_positions = [p for p, row in enumerate(rows) if row.landmark_id is not None and not staged[p][1]]
+  skipped += [csv_io.SkippedRow('image', 0, entry.image_id, entry.reason)
+              for entry in staged if entry.reason]
+  train_positions = [p for p, row in enumerate(rows)
+                     if row.landmark_id is not None and not staged[p].reason]
   if not train_positions:
     raise BuildError(f'none of the {len(train_rows)} train images could be used: '
                      f'{_skipped_summary(skipped)}')
@@ -578,7 +642,8 @@ def _build(config: BuildConfig, train_rows: List[csv_io.ImageRow], test_rows: Li
 
   writers = _write_shards(config, staged, rows, split, train_positions)
   _write_label_map(config.output_dir, split, train_view)
-  records.write_tfds_metadata(config.output_dir, {name: writer.shards for name, writer in writers.items()},
+  records.write_tfds_metadata(config.output_dir,
+                              {name: writer.shards for name, writer in writers.items()},
                               len(split.label_of_landmark))
 
   all_classes = {row.landmark_id for row in train_view}
