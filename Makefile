@@ -1,5 +1,5 @@
 # tf-landmarks: `make demo` sets everything up and runs the main job on the synthetic data
-# (synthetic set → shards → scratch stand-in → bottleneck → fine-tune);
+# (synthetic set → shards → scratch stand-in → bottleneck → fine-tune → DELF);
 # `make test` sets up and runs the default test suite (what CI runs).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -42,6 +42,9 @@ demo: $(STAMP)
 	@echo '== Stage 3: fine-tune: the bottleneck head on its backbone, upper blocks unfrozen'
 	$(BIN)/tfl-train --flagfile=configs/demo_finetune.flags --records_dir=$(DEMO_RECORDS) \
 	  --init_from=$(DEMO_RUNS)/demo_bottleneck --workdir=$(DEMO_RUNS)/demo_finetune --noprogress
+	@echo '== Stage 4: DELF attention over the stand-in backbone (local features for verification)'
+	$(BIN)/tfl-train --flagfile=configs/demo_delf.flags --records_dir=$(DEMO_RECORDS) \
+	  --init_from=$(DEMO_RUNS)/demo_scratch --workdir=$(DEMO_RUNS)/demo_delf --noprogress
 
 # The benchmarks recorded in BUILD_NOTES.md (about 5 minutes on 2 cores; run on a quiet machine).
 bench: demo

@@ -436,3 +436,10 @@ def test_the_command_prints_distributions_and_aucs_and_fails_in_one_line(small_w
   assert failed.returncode == 2
   assert failed.stderr.strip().splitlines()[-1].startswith('evaluate.py: error: ')
   assert 'Traceback' not in failed.stderr
+
+
+def test_delf_backend_needs_a_finished_delf_run(tmp_path):
+  with pytest.raises(evaluate.EvaluationError, match='--backend=delf needs --delf_run'):
+    evaluate.BACKENDS['delf'](1000, None, None)
+  with pytest.raises(evaluate.EvaluationError, match='has no model.keras'):
+    evaluate.BACKENDS['delf'](1000, None, str(tmp_path))

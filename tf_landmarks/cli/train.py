@@ -24,7 +24,8 @@ common.define_flags(data.InputConfig)
 def main() -> int:
   run = train.train(common.from_flags(train.TrainConfig), common.from_flags(data.InputConfig))
   best, final = run['best'], run['final']
-  print(f'Wrote {common.FLAGS.workdir}: {run["mode"]} {run["backbone"]} + {run["head"]}, '
+  top = run['head'] or f'DELF {run["delf"]["stage"]} stage'
+  print(f'Wrote {common.FLAGS.workdir}: {run["mode"]} {run["backbone"]} + {top}, '
         f'{run["num_classes"]} classes')
   if final:
     print(f'  last epoch {final["epoch"]}: train loss {final["loss"]:.4f}, accuracy '

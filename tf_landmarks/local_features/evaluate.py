@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import io
 import itertools
+import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
@@ -262,12 +263,29 @@ def make_pairs(data_dir: str, max_pairs_per_kind: int = 2000,
   return sampled, len(skipped_train) + len(skipped_queries) + unlabelled
 
 
-def _sift_backend(max_features: int, max_side: Optional[int]) -> FeatureFn:
+def _sift_backend(max_features: int, max_side: Optional[int],
+                  delf_run: Optional[str] = None) -> FeatureFn:
+  del delf_run  # SIFT needs no model.
   return functools.partial(sift.extract_sift, max_features=max_features, max_side=max_side)
 
 
-# --backend name → factory(max_features, max_side) of the image → LocalFeatures function.
-BACKENDS: Mapping[str, Callable[[int, Optional[int]], FeatureFn]] = {'sift': _sift_backend}
+def _delf_backend(max_features: int, max_side: Optional[int],
+                  delf_run: Optional[str] = None) -> FeatureFn:
+  """DELF features from the model.keras of a `tfl-train --mode=delf` run."""
+  if not delf_run:
+    raise EvaluationError('--backend=delf needs --delf_run=<run of tfl-train --mode=delf>')
+  import keras  # pylint: disable=g-import-not-at-top  (heavy; the SIFT path does not need it)
+  from tf_landmarks.local_features import delf  # pylint: disable=g-import-not-at-top
+  from tf_landmarks.models import delf as delf_model  # pylint: disable=g-import-not-at-top,unused-import
+  path = os.path.join(delf_run, 'model.keras')
+  if not os.path.exists(path):
+    raise EvaluationError(f'{delf_run} has no model.keras; give a finished --mode=delf run')
+  return delf.DelfExtractor(keras.saving.load_model(path), max_feature_num=max_features,
+                            **({'max_side': max_side} if max_side else {}))
+
+
+# --backend name → factory(max_features, max_side, delf_run) of the image → LocalFeatures function.
+BACKENDS: Mapping[str, Callable[..., FeatureFn]] = {'sift': _sift_backend, 'delf': _delf_backend}
 
 
 def distribution_line(kind: str, scores: np.ndarray) -> str:
@@ -314,6 +332,7 @@ def _define_flags() -> None:
   """The command's flags, defined only when it runs: importing this module (as the tests and the
   prediction code do) must not claim flag names such as --seed in the global registry."""
   flags.DEFINE_enum('backend', 'sift', sorted(BACKENDS), 'Local-feature backend.')
+  flags.DEFINE_string('delf_run', None, 'For --backend=delf: a run of tfl-train --mode=delf.')
   flags.DEFINE_string('data_dir', None, 'Folder in the Google Landmarks layout (train.csv, '
                       'test.csv, recognition_solution.csv, images/).', required=True)
   flags.DEFINE_integer('max_features', 1000, 'Features per image.', lower_bound=1)
@@ -337,7 +356,8 @@ def main() -> int:
   """Evaluates --backend on --data_dir and prints the distributions and AUCs; returns 0."""
   config = flags.FLAGS
   pairs, skipped_rows = make_pairs(config.data_dir, config.max_pairs_per_kind, config.seed)
-  backend_fn = BACKENDS[config.backend](config.max_features, config.max_side or None)
+  backend_fn = BACKENDS[config.backend](config.max_features, config.max_side or None,
+                                        config.delf_run)
   settings = VerifySettings(ratio=config.ratio or None, max_distance=config.max_distance or None,
                             mutual=config.mutual, residual_threshold=config.residual_threshold,
                             max_trials=config.max_trials, method=config.method, seed=config.seed)
