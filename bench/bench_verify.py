@@ -1,4 +1,4 @@
-r"""Geometric verification throughput against DELF's reference method, and SIFT extraction speed.
+r"""Geometric verification throughput against DELF's reference method, and extraction speed.
 
 Verification: three sides interleaved over --rounds rounds (bench/timing.py), all on the SAME
 RootSIFT features (--max_features per image, extracted once beforehand, untimed) of the same image
@@ -70,6 +70,8 @@ _MIN_INLIERS = flags.DEFINE_multi_integer('min_inliers', [8, 10, 15], 'Accept th
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds.', lower_bound=1)
 _EXTRACT_IMAGES = flags.DEFINE_integer('extract_images', 60, 'Images timed for extraction.',
                                        lower_bound=1)
+_DELF_IMAGES = flags.DEFINE_integer('delf_images', 4, 'Images timed for DELF extraction (slow on a '
+                                    'CPU); 0 skips DELF.', lower_bound=0)
 _EXTRACT_SIDE = flags.DEFINE_integer('extract_side', 512, 'Longer side of the images timed for '
                                      'extraction.', lower_bound=16)
 
@@ -155,16 +157,34 @@ def bench_verification(feature_pairs, kinds, distance_bound: float, rounds: int,
   return lines
 
 
-def bench_extraction(images, max_features: int, rounds: int):
-  """Times SIFT extraction over `images`; returns the report lines."""
-  def run():
-    return timing.time_call(lambda: [sift.extract_sift(image, max_features) for image in images],
-                            len(images))
-  samples = timing.interleave({'sift': run}, rounds)
-  sides = sorted({max(image.shape[:2]) for image in images})
-  return [f'extraction of {len(images)} images ({sides[0]}–{sides[-1]} px longer side), '
-          f'{max_features} features, {rounds} rounds, OpenCV on {cv2.getNumThreads()} threads:',
-          f'  {"sift (RootSIFT)":<37} {timing.describe(samples["sift"])}']
+def _delf_extractors(max_features: int):
+  """DELF on ResNet50 conv4 (random weights: the work per image does not depend on them), with the
+  default 7-scale pyramid and with scale 1 only."""
+  from tf_landmarks.local_features import delf  # pylint: disable=g-import-not-at-top
+  from tf_landmarks.models import backbones  # pylint: disable=g-import-not-at-top
+  from tf_landmarks.models import delf as delf_model  # pylint: disable=g-import-not-at-top
+  model = delf_model.build_delf('resnet50', backbones.build('resnet50', 224, 'none').model, 10)
+  return {'delf resnet50, 7 scales': delf.DelfExtractor(model, max_feature_num=max_features),
+          'delf resnet50, scale 1': delf.DelfExtractor(model, scales=(1.0,),
+                                                        max_feature_num=max_features)}
+
+
+def bench_extraction(images, max_features: int, rounds: int, delf_images: int):
+  """Times SIFT (all `images`) and DELF (the first `delf_images`) extraction; report lines."""
+  def side(extract, subset):
+    return lambda: timing.time_call(lambda: [extract(image) for image in subset], len(subset))
+
+  sides = {'sift (RootSIFT)': side(lambda image: sift.extract_sift(image, max_features), images)}
+  if delf_images:
+    for name, extractor in _delf_extractors(max_features).items():
+      extractor(images[0])  # Traces the extraction graph outside the timed runs.
+      sides[name] = side(extractor, images[:delf_images])
+  samples = timing.interleave(sides, rounds)
+  lengths = sorted({max(image.shape[:2]) for image in images})
+  return [f'extraction ({lengths[0]}–{lengths[-1]} px longer side; SIFT on {len(images)} images, '
+          f'DELF on {delf_images}), {max_features} features, {rounds} rounds, OpenCV on '
+          f'{cv2.getNumThreads()} threads:'] + [
+              f'  {name:<37} {timing.describe(samples[name])}' for name in sides]
 
 
 def main(argv):
@@ -200,7 +220,9 @@ def main(argv):
     small.append(cv2.resize(image, (max(1, round(image.shape[1] * scale)),
                                     max(1, round(image.shape[0] * scale))),
                             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR))
-  timing.print_line('\n'.join(bench_extraction(small, _MAX_FEATURES.value, _ROUNDS.value)))
+  timing.print_line('\n'.join(bench_extraction(small, _MAX_FEATURES.value, _ROUNDS.value,
+                                                _DELF_IMAGES.value)))
+  timing.print_line(f'  {timing.load_note()}')
   return 0
 
 
