@@ -1,0 +1,265 @@
+"""The retrieval and verification index, built for real from tiny runs on a synthetic world."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tf_landmarks import data
+from tf_landmarks import errors
+from tf_landmarks import ingest
+from tf_landmarks import synthetic
+from tf_landmarks import train
+from tf_landmarks.local_features import index
+from helpers import REPO, read_split
+
+BACKENDS = ('sift', 'delf')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  """Records of 6 landmarks in 3 train shards, a 1-epoch classifier and a DELF run on it."""
+  root = tmp_path_factory.mktemp('index_world')
+  synthetic.generate(str(root / 'world'), synthetic.WorldSpec(
+      seed=3, num_landmarks=6, num_unseen_landmarks=1, num_train_images=60, num_test_images=4,
+      image_size=128))
+  ingest.build_records(ingest.BuildConfig(
+      output_dir=str(root / 'records'), train_csv=str(root / 'world' / 'train.csv'),
+      image_dir=str(root / 'world' / 'images'), validation_fraction=0.2, max_image_size=96,
+      examples_per_shard=16, num_workers=1, progress=False))
+
+  def run(name, **overrides):
+    settings = dict(records_dir=str(root / 'records'), workdir=str(root / name), backbone='tiny',
+                    weights='none', head='softmax', batch_size=16, epochs=1, steps_per_epoch=2,
+                    optimizer='adam', learning_rate=0.003, progress=False)
+    settings.update(overrides)
+    train.train(train.TrainConfig(**settings), data.InputConfig(image_size=64))
+    return str(root / name)
+
+  classifier = run('classifier')
+  delf = run('delf', mode=train.Mode.DELF, weights='', init_from=classifier)
+  return {'root': root, 'records': str(root / 'records'), 'classifier': classifier, 'delf': delf}
+
+
+def _config(world, backend, output_dir, **overrides):
+  settings = dict(run=world['classifier'], local_features=backend, output_dir=str(output_dir),
+                  progress=False)
+  if backend == 'delf':
+    # Three scales instead of seven keep the test quick; 16 of the tiny backbone's 64 channels.
+    settings.update(delf_run=world['delf'], delf_scales='0.5,1,2', pca_dim=16, pca_whiten=True)
+  settings.update(overrides)
+  return index.IndexConfig(**settings)
+
+
+@pytest.fixture(scope='module')
+def built(world):
+  """One finished index per backend: backend → its folder."""
+  folders = {}
+  for backend in BACKENDS:
+    folders[backend] = str(world['root'] / f'index_{backend}')
+    index.build_index(_config(world, backend, folders[backend]))
+  return folders
+
+
+@pytest.fixture(scope='module')
+def train_images(world):
+  """The records' train split: image id → parsed example, with the decoded stored image."""
+  return read_split(world['records'], 'train')
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_every_train_image_is_indexed_once_with_its_landmark(built, train_images, backend):
+  opened = index.Index(built[backend])
+  rows = range(opened.num_images)
+  indexed = [opened.image_id(row) for row in rows]
+  assert sorted(indexed) == sorted(train_images)  # Every train image, once.
+  for row, image_id in zip(rows, indexed):
+    assert opened.landmark_of(row) == train_images[image_id]['landmark_id']
+  landmarks = [opened.landmark_of(row) for row in rows]
+  assert landmarks == sorted(landmarks)  # A landmark's images are contiguous.
+  metadata = opened.metadata
+  assert metadata['local']['backend'] == backend and metadata['counts']['shards'] == 3
+  assert metadata['local']['descriptor_dim'] == (16 if backend == 'delf' else 128)
+  assert metadata['counts']['features'] == sum(len(opened.local_features(row)) for row in rows)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_local_features_read_back_equal_a_fresh_extraction(built, train_images, backend):
+  opened = index.Index(built[backend])
+  extract = opened.local_extractor()
+  for row in (0, opened.num_images // 2, opened.num_images - 1):
+    stored = train_images[opened.image_id(row)]['pixels']
+    fresh, read = extract(stored), opened.local_features(row)
+    assert len(read) == len(fresh) > 10
+    np.testing.assert_array_equal(read.locations, fresh.locations)
+    np.testing.assert_array_equal(read.scores, fresh.scores)
+    np.testing.assert_array_equal(read.scales, fresh.scales)
+    # Stored as float16: within its rounding, and unit length again.
+    np.testing.assert_allclose(read.descriptors, fresh.descriptors, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(read.descriptors, axis=1), 1.0, rtol=1e-5)
+    # Locations are pixels of the stored image (long side 96), not of the 128-px original.
+    height, width = stored.shape[:2]
+    assert max(height, width) == 96
+    assert np.all(read.locations >= -0.5)
+    assert np.all(read.locations < [width, height])
+  if backend == 'delf':
+    assert opened.pca().dim == 16 and opened.pca().whiten
+
+
+def test_images_of_returns_the_landmarks_images(built, train_images):
+  opened = index.Index(built['sift'])
+  landmarks = {int(example['landmark_id']) for example in train_images.values()}
+  assert set(opened.landmark_ids.tolist()) == landmarks
+  for landmark in landmarks:
+    expected = {image_id for image_id, example in train_images.items()
+                if example['landmark_id'] == landmark}
+    rows = opened.images_of(landmark)
+    assert {opened.image_id(row) for row in rows} == expected
+    assert np.all(np.diff(rows) == 1)
+  assert opened.images_of(max(landmarks) + 1).size == 0
+
+
+def test_global_descriptors_are_the_classifiers_of_the_evaluation_crop(world, built):
+  import keras  # pylint: disable=g-import-not-at-top
+  opened = index.Index(built['sift'])
+  model = keras.saving.load_model(os.path.join(world['classifier'], 'model.keras'))
+  fresh = {}
+  for images, _, ids in data.make_dataset(world['records'], 'train', training=False,
+                                          batch_size=32, config=data.InputConfig(image_size=64),
+                                          backbone=None, with_ids=True):
+    fresh.update(zip((i.decode() for i in ids.numpy()), model.embed(images).numpy()))
+  for row in range(opened.num_images):
+    np.testing.assert_allclose(opened.global_descriptors[row], fresh[opened.image_id(row)],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize('search', ['flat', 'ivf'])
+def test_global_search_of_an_index_image_returns_itself_first(world, built, tmp_path, search):
+  folder = built['sift']
+  if search == 'ivf':  # Over the validation images too.
+    folder = str(tmp_path / 'ivf')
+    index.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
+                              split='train+validation'))
+  opened = index.Index(folder)
+  assert opened.metadata['global']['search']['kind'] == search
+  splits = ['train', 'validation'] if search == 'ivf' else ['train']
+  assert opened.metadata['splits'] == splits
+  assert opened.num_images == sum(len(read_split(world['records'], split)) for split in splits)
+  scores, rows = opened.global_search(opened.global_descriptors, k=3)
+  assert rows.shape == scores.shape == (opened.num_images, 3)
+  np.testing.assert_array_equal(rows[:, 0], np.arange(opened.num_images))
+  np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+  assert np.all(scores[:, 0] >= scores[:, 1])
+  one_scores, one_rows = opened.global_search(opened.global_descriptors[5] * 7.0, k=1)
+  assert one_rows.tolist() == [[5]] and one_scores[0, 0] == pytest.approx(1.0, rel=1e-5)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'tf_landmarks.cli.build_index', *map(str, args)],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built, tmp_path):
+  folder = tmp_path / 'interrupted'
+  shutil.copytree(built['sift'], folder)
+  shards = folder / 'shards'
+  last = sorted(shards.glob('train-00002.*'))
+  assert len(last) == 3
+  for path in last + [folder / 'index.json']:
+    path.unlink()
+  (shards / 'train-00002.descriptors.npy.part').write_bytes(b'half a shard')
+  kept = {path: path.stat().st_mtime_ns for path in shards.iterdir() if 'train-00002' not in
+          path.name}
+  with pytest.raises(index.LandmarkIndexError, match='unfinished index'):
+    index.Index(str(folder))  # A half-written index is never taken for a finished one.
+  with pytest.raises(index.LandmarkIndexError, match='pass --resume'):
+    index.build_index(_config(world, 'sift', folder))
+  with pytest.raises(index.LandmarkIndexError, match=r'other runs or settings \(max_features\)'):
+    index.build_index(_config(world, 'sift', folder, max_features=50, resume=True))
+
+  result = _cli(f'--run={world["classifier"]}', '--local_features=sift', f'--output_dir={folder}',
+                '--resume')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming: 2 of 3 shards already done' in result.stdout
+  assert {path: path.stat().st_mtime_ns for path in kept} == kept  # Finished shards untouched.
+  assert sorted(path.name for path in shards.glob('train-00002.*')) == [p.name for p in last]
+  assert not list(shards.glob('*.part*'))
+  original, resumed = index.Index(built['sift']), index.Index(str(folder))
+  for name in ('images.npy', 'global.npy'):
+    np.testing.assert_array_equal(np.load(folder / name), np.load(os.path.join(built['sift'],
+                                                                               name)))
+  assert resumed.metadata['counts'] == original.metadata['counts']
+  row = resumed.num_images - 1
+  np.testing.assert_array_equal(resumed.local_features(row).descriptors,
+                                original.local_features(row).descriptors)
+  with pytest.raises(index.LandmarkIndexError, match='holds a finished index'):
+    index.build_index(_config(world, 'sift', folder))
+
+
+def _one_line_error(result) -> str:
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  return lines[0]
+
+
+def test_missing_and_corrupt_runs_are_one_line_errors_through_the_cli(world, tmp_path):
+  line = _one_line_error(_cli(f'--run={tmp_path / "nowhere"}', '--local_features=sift'))
+  assert line.endswith(f'--run={tmp_path / "nowhere"} is not a folder')
+  damaged = _copy_with_truncated_model(world['classifier'], tmp_path / 'damaged')
+  line = _one_line_error(_cli(f'--run={damaged}', '--local_features=sift',
+                              f'--output_dir={tmp_path / "index"}'))
+  assert line.endswith(f'{damaged / "model.keras"} is damaged or truncated (not a .keras '
+                       'archive); train the run again')
+
+
+def _copy_with_truncated_model(run, copy):
+  shutil.copytree(run, copy)
+  model = (copy / 'model.keras').read_bytes()
+  (copy / 'model.keras').write_bytes(model[:len(model) // 2])
+  return copy
+
+
+def test_unusable_runs_and_settings_are_named(world, tmp_path):
+  bad_json = tmp_path / 'bad_json'
+  shutil.copytree(world['classifier'], bad_json)
+  (bad_json / 'run.json').write_text('{"format": ')
+  damaged_delf = _copy_with_truncated_model(world['delf'], tmp_path / 'damaged_delf')
+  delf = dict(local_features='delf', delf_run=world['delf'])
+  cases = [
+      (dict(run=str(bad_json)), 'run.json is not valid JSON'),
+      (dict(run=world['delf']), 'is a DELF run; --run takes a classifier run'),
+      (dict(local_features='delf'), '--local_features=delf needs --delf_run'),
+      (dict(delf_run=world['delf']), '--delf_run belongs to --local_features=delf'),
+      (dict(delf, delf_run=world['classifier']), 'is a scratch run, not a DELF run'),
+      (dict(delf, delf_run=str(damaged_delf)), 'damaged_delf/model.keras is damaged'),
+      (dict(delf, pca_dim=65), '--pca_dim=65 is more than the 64 dimensions'),
+      (dict(delf, delf_scales='1,two'), '--delf_scales must be one or more positive numbers'),
+      (dict(max_features=0), '--max_features must be >= 1, got 0'),
+  ]
+  for overrides, message in cases:
+    settings = dict(run=world['classifier'], local_features='sift',
+                    output_dir=str(tmp_path / 'index'), progress=False)
+    settings.update(overrides)
+    with pytest.raises(errors.UserError, match=message):
+      index.build_index(index.IndexConfig(**settings))
+  assert not (tmp_path / 'index').exists()  # Each was refused before anything was written.
+  with pytest.raises(index.LandmarkIndexError, match='is not an index'):
+    index.Index(str(tmp_path))
+
+
+def test_help_lists_the_commands_flags():
+  # As the console script runs it: the module imported by name, then run().
+  result = subprocess.run(
+      [sys.executable, '-c', 'import sys; sys.argv[0] = "tfl-build-index"; '
+       'from tf_landmarks.cli import build_index; build_index.run()', '--help'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('tfl-build-index: the retrieval and verification index')
+  for flag in ('--run', '--local_features', '--delf_run', '--output_dir', '--pca_dim',
+               '--resume', '--overwrite'):
+    assert f'  {flag}:' in result.stdout or f'  --[no]{flag[2:]}:' in result.stdout, flag

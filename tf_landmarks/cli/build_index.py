@@ -1,0 +1,41 @@
+r"""tfl-build-index: the retrieval and verification index of a classifier run.
+
+Examples:
+  tfl-build-index --run=runs/demo_scratch --local_features=sift
+  tfl-build-index --run=gs://b/runs/r50_finetune --local_features=delf \
+      --delf_run=gs://b/runs/r50_delf --output_dir=gs://b/index/gldv2 --split=train+validation
+  tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --global_search=ivf --resume
+
+Stores, for every image of the run's records (the train split by default), the classifier's global
+descriptor and the image's local features (DELF or SIFT) in sharded .npy files, with a per-image
+table sorted by landmark; index.json, written last, marks a finished index. The layout and its
+size for GLDv2 are in tf_landmarks/local_features/index.py. An interrupted build (Ctrl-C, SIGTERM,
+a killed process) continues with --resume from its first unfinished shard.
+"""
+
+from tf_landmarks.cli import common
+from tf_landmarks.local_features import index
+
+common.define_flags(index.IndexConfig)
+
+
+def main() -> int:
+  built = index.build_index(common.from_flags(index.IndexConfig))
+  counts, local = built['counts'], built['local']
+  output_dir = common.FLAGS.output_dir or f'{common.FLAGS.run}/index'
+  print(f'Wrote {output_dir}: {counts["images"]} images of {counts["landmarks"]} landmarks '
+        f'({", ".join(built["splits"])}) in {counts["shards"]} shard(s)')
+  print(f'  local: {local["backend"]}, {counts["features"]} features '
+        f'({counts["features"] / counts["images"]:.0f} per image), {local["descriptor_dim"]}-d '
+        f'{local["descriptor_dtype"]}' + (', PCA' if local['pca'] else ''))
+  print(f'  global: {built["global"]["dim"]}-d from {built["backbone"]} at {built["image_size"]} '
+        f'px, {built["global"]["search"]["kind"]} search')
+  return 0
+
+
+def run():
+  common.run(main, resume_hint=True)
+
+
+if __name__ == '__main__':
+  run()
