@@ -26,20 +26,22 @@ def _entry_points():
   parser = configparser.ConfigParser()
   parser.read(REPO / 'setup.cfg')
   lines = parser['options.entry_points']['console_scripts'].strip().splitlines()
-  return [line.split('=')[0].strip() for line in lines]
+  return [(line.split('=')[0].strip(), line.split('=')[1].strip().split(':')[0])
+          for line in lines]
 
 
-@pytest.mark.parametrize('command', _entry_points())
-def test_help_lists_the_commands_own_flags_first(command):
-  result = subprocess.run([str(BIN / command), '--help'], capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items()
-                                            if k != 'TF_CPP_MIN_LOG_LEVEL'})
+@pytest.mark.parametrize('command,module', _entry_points())
+@pytest.mark.parametrize('how', ['console script', 'python -m'])
+def test_help_lists_the_commands_own_flags_first(command, module, how):
+  argv = [str(BIN / command)] if how == 'console script' else [sys.executable, '-m', module]
+  result = subprocess.run([*argv, '--help'], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'})
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(f'{command}: ')  # The command's own description comes first.
   assert 'Try --helpfull' not in result.stdout
   flags = [line.split(':')[0].strip() for line in result.stdout.splitlines()
            if line.startswith('  --')]
-  assert len(flags) >= 3, result.stdout
+  assert len(flags) >= 5, result.stdout
   assert result.stderr == ''  # No TensorFlow start-up lines before or after.
 
 

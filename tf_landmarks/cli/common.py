@@ -41,6 +41,8 @@ def define_flags(cls: type, *, skip: Iterable[str] = (), defaults: Optional[Dict
   """
   skip, defaults = set(skip), defaults or {}
   module_name = module_name or sys._getframe(1).f_globals['__name__']  # pylint: disable=protected-access
+  if module_name == '__main__':  # `python -m …`: absl files the main module's flags under argv[0].
+    module_name = sys.argv[0]
   for field in dataclasses.fields(cls):
     if field.name in skip:
       continue
@@ -113,7 +115,7 @@ def _show_command_flags_in_help(module_name: str) -> None:
   console script that is the wrapper file, which defines none, so `--help` printed only "Try
   --helpfull". Registering the command module's flags under that name fixes it.
   """
-  for flag in FLAGS.get_flags_for_module(module_name):
+  for flag in FLAGS.get_flags_for_module(sys.argv[0] if module_name == '__main__' else module_name):
     FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   sys.modules['__main__'].__doc__ = sys.modules[module_name].__doc__
 
