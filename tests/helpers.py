@@ -119,3 +119,20 @@ def write_records(root, split_examples: Dict[str, Sequence[Tuple[str, bytes, int
                                      'config': {'max_image_size': 0}, 'dropped_classes': 0,
                                      'skipped': {'total': 0, 'by_reason': {}, 'rows': []}})
   return str(root)
+
+
+def synthetic_records(root, num_landmarks: int, num_train_images: int, num_test_images: int = 4,
+                      examples_per_shard: int = 64, **build) -> pathlib.Path:
+  """A small synthetic world (128 px, seed 3) built into `root/records` (96 px): training fixtures."""
+  from tf_landmarks import synthetic  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  synthetic.generate(str(root / 'world'), synthetic.WorldSpec(
+      seed=3, num_landmarks=num_landmarks, num_unseen_landmarks=1,
+      num_train_images=num_train_images, num_test_images=num_test_images, image_size=128))
+  settings = dict(output_dir=str(root / 'records'), train_csv=str(root / 'world' / 'train.csv'),
+                  image_dir=str(root / 'world' / 'images'), validation_fraction=0.2,
+                  max_image_size=96, examples_per_shard=examples_per_shard, num_workers=1,
+                  progress=False)
+  settings.update(build)
+  ingest.build_records(ingest.BuildConfig(**settings))
+  return root / 'records'

@@ -10,11 +10,9 @@ import pytest
 
 from tf_landmarks import data
 from tf_landmarks import errors
-from tf_landmarks import ingest
-from tf_landmarks import synthetic
 from tf_landmarks import train
 from tf_landmarks.local_features import index
-from helpers import REPO, read_split
+from helpers import REPO, read_split, synthetic_records
 
 BACKENDS = ('sift', 'delf')
 
@@ -23,13 +21,7 @@ BACKENDS = ('sift', 'delf')
 def world(tmp_path_factory):
   """Records of 6 landmarks in 3 train shards, a 1-epoch classifier and a DELF run on it."""
   root = tmp_path_factory.mktemp('index_world')
-  synthetic.generate(str(root / 'world'), synthetic.WorldSpec(
-      seed=3, num_landmarks=6, num_unseen_landmarks=1, num_train_images=60, num_test_images=4,
-      image_size=128))
-  ingest.build_records(ingest.BuildConfig(
-      output_dir=str(root / 'records'), train_csv=str(root / 'world' / 'train.csv'),
-      image_dir=str(root / 'world' / 'images'), validation_fraction=0.2, max_image_size=96,
-      examples_per_shard=16, num_workers=1, progress=False))
+  synthetic_records(root, num_landmarks=6, num_train_images=60, examples_per_shard=16)
 
   def run(name, **overrides):
     settings = dict(records_dir=str(root / 'records'), workdir=str(root / name), backbone='tiny',

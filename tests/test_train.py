@@ -16,13 +16,12 @@ import pytest
 import tensorflow as tf
 
 from tf_landmarks import data
-from tf_landmarks import ingest
 from tf_landmarks import records
-from tf_landmarks import synthetic
 from tf_landmarks import train
 from tf_landmarks.models import heads
 from tf_landmarks.splits import Singletons
 from helpers import REPO
+from helpers import synthetic_records as build_synthetic_records
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -30,16 +29,9 @@ BIN = pathlib.Path(sys.executable).parent
 @pytest.fixture(scope='module')
 def synthetic_records(tmp_path_factory):
   """A small synthetic world (8 landmarks) as records: enough to learn, quick to train on."""
-  root = tmp_path_factory.mktemp('world')
-  synthetic.generate(str(root / 'world'), synthetic.WorldSpec(
-      seed=3, num_landmarks=8, num_unseen_landmarks=1, num_train_images=240, num_test_images=16,
-      image_size=128))
-  ingest.build_records(ingest.BuildConfig(
-      output_dir=str(root / 'records'), train_csv=str(root / 'world' / 'train.csv'),
-      image_dir=str(root / 'world' / 'images'), validation_fraction=0.2,
-      singletons=Singletons.DUPLICATE, max_image_size=96, examples_per_shard=64, num_workers=2,
-      progress=False))
-  return root / 'records'
+  return build_synthetic_records(tmp_path_factory.mktemp('world'), num_landmarks=8,
+                                 num_train_images=240, num_test_images=16,
+                                 singletons=Singletons.DUPLICATE, num_workers=2)
 
 
 def _config(records_dir, workdir, **overrides):
