@@ -429,7 +429,6 @@ def plan_world(spec: WorldSpec) -> Tuple[List[Tuple[str, int, int]], List[Query]
   """Decides every image without rendering: train rows (id, landmark index, view index) and queries."""
   spec.validate()
   rng = _rng(spec.seed, _SPLIT, 1)
-  ids = _landmark_ids(spec)
   train = []
   for landmark, count in enumerate(class_sizes(spec.num_landmarks, spec.num_train_images, rng)):
     for _ in range(count):

@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import errno
 import os
-import re
 import signal
 import sys
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -23,6 +22,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_landmarks import errors
+from tf_landmarks import records
 from tf_landmarks import settings
 
 FLAGS = flags.FLAGS
@@ -96,8 +96,7 @@ def describe_environment_error(error: BaseException) -> str:
     return f'{cause} ({error.filename})' if error.filename else cause
   if isinstance(error, tf.errors.OpError):
     # TensorFlow's file system errors read '<path>; <strerror>'.
-    message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', error.message).split(' [Op:')[0]
-    message = (message.strip().splitlines() or [type(error).__name__])[0]
+    message = (records.plain_tf_message(error.message).splitlines() or [type(error).__name__])[0]
     path, _, strerror = message.rpartition('; ')
     for code, cause in _CAUSES.items():
       if strerror == os.strerror(code):
