@@ -1,0 +1,188 @@
+"""Kaggle submission and solution files of the Google Landmark challenges: read, check, write, score.
+
+Recognition: the solution is `id,landmarks[,Usage]` (space-separated landmark ids; empty for a query
+without a landmark); a submission is `id,landmarks` with one `"<landmark_id> <confidence>"` or
+nothing. Retrieval: the solution is `id,images[,Usage]` (the relevant index images); a submission is
+`id,images` with up to 100 index image ids, best first. Submissions are untrusted input: every
+malformed row is reported with its line number, and nothing is scored until the file is clean.
+"""
+
+import csv
+import io
+import math
+from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from tf_landmarks import csv_io
+from tf_landmarks import errors
+from tf_landmarks import files
+from tf_landmarks import metrics
+
+RETRIEVAL_DEPTH = 100
+_SHOWN_PROBLEMS = 5
+
+Prediction = Optional[Tuple[int, float]]
+
+
+class SubmissionError(errors.UserError):
+  """A submission or solution file cannot be scored; the message lists the problems."""
+
+
+def _rows(path: str, columns: Sequence[str]) -> Iterator[Tuple[int, dict]]:
+  if not tf.io.gfile.exists(path):
+    raise SubmissionError(f'{path}: file not found')
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read().lstrip('\ufeff')
+  reader = csv.DictReader(io.StringIO(text))
+  header = [name.strip() for name in reader.fieldnames or []]
+  missing = [name for name in columns if name not in header]
+  if missing:
+    raise SubmissionError(f'{path}: missing column(s) {", ".join(missing)}; the header has '
+                          f'{", ".join(header) or "no columns"}')
+  reader.fieldnames = header
+  try:
+    for row in reader:
+      yield reader.line_num, row
+  except csv.Error as error:
+    raise SubmissionError(f'{path}: not a readable CSV near line {reader.line_num} '
+                          f'({error})') from None
+
+
+def _raise_if(problems: List[str], path: str) -> None:
+  if problems:
+    more = f' (and {len(problems) - _SHOWN_PROBLEMS} more)' if len(problems) > _SHOWN_PROBLEMS else ''
+    raise SubmissionError(f'{path}: {len(problems)} bad row(s): '
+                          f'{"; ".join(problems[:_SHOWN_PROBLEMS])}{more}')
+
+
+def _query_id(line: int, row: dict, seen: set, problems: List[str],
+              known: Optional[Mapping]) -> Optional[str]:
+  query_id = (row.get('id') or '').strip()
+  if not csv_io.is_safe_image_id(query_id):
+    problems.append(f'line {line}: bad id {query_id!r}')
+  elif query_id in seen:
+    problems.append(f'line {line}: id {query_id} repeated')
+  elif known is not None and query_id not in known:
+    problems.append(f'line {line}: id {query_id} is not a query of the solution')
+  else:
+    seen.add(query_id)
+    return query_id
+  return None
+
+
+def read_recognition_solution(path: str) -> Dict[str, FrozenSet[int]]:
+  """Query id → its landmark ids (empty for a query that shows no landmark)."""
+  solution, problems, seen = {}, [], set()
+  for line, row in _rows(path, ('id', 'landmarks')):
+    query_id = _query_id(line, row, seen, problems, None)
+    try:
+      landmarks = frozenset(int(value) for value in (row.get('landmarks') or '').split())
+    except ValueError:
+      problems.append(f'line {line}: landmarks {row.get("landmarks")!r} are not integers')
+      continue
+    if query_id is not None:
+      solution[query_id] = landmarks
+  _raise_if(problems, path)
+  if not solution:
+    raise SubmissionError(f'{path}: no queries')
+  return solution
+
+
+def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]]
+                                ) -> Dict[str, Prediction]:
+  """Query id → (landmark id, confidence) or None; every id must be a query of `solution`."""
+  predictions, problems, seen = {}, [], set()
+  for line, row in _rows(path, ('id', 'landmarks')):
+    query_id = _query_id(line, row, seen, problems, solution)
+    value = (row.get('landmarks') or '').split()
+    if not value:
+      prediction = None
+    else:
+      try:
+        landmark, confidence = int(value[0]), float(value[1])
+        if len(value) != 2 or not math.isfinite(confidence):
+          raise ValueError
+        prediction = (landmark, confidence)
+      except (ValueError, IndexError):
+        problems.append(f'line {line}: landmarks {row.get("landmarks")!r} is not '
+                        '"<landmark_id> <confidence>"')
+        continue
+    if query_id is not None:
+      predictions[query_id] = prediction
+  _raise_if(problems, path)
+  return predictions
+
+
+def write_recognition_submission(path: str, predictions: Mapping[str, Prediction]) -> None:
+  """Writes `id,landmarks` rows (`"<landmark_id> <confidence>"` or empty), complete or not at all."""
+  files.write_csv_atomically(path, ['id', 'landmarks'], (
+      (query_id, '' if prediction is None else f'{prediction[0]} {prediction[1]:.6g}')
+      for query_id, prediction in predictions.items()))
+
+
+def read_retrieval_solution(path: str) -> Dict[str, Tuple[str, ...]]:
+  """Query id → its relevant index image ids (queries without any are kept, with none)."""
+  solution, problems, seen = {}, [], set()
+  for line, row in _rows(path, ('id', 'images')):
+    query_id = _query_id(line, row, seen, problems, None)
+    if query_id is not None:
+      solution[query_id] = tuple((row.get('images') or '').split())
+  _raise_if(problems, path)
+  if not solution:
+    raise SubmissionError(f'{path}: no queries')
+  return solution
+
+
+def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
+                              ) -> Dict[str, Tuple[str, ...]]:
+  """Query id → up to 100 index image ids, best first; every id must be a query of `solution`."""
+  rankings, problems, seen = {}, [], set()
+  for line, row in _rows(path, ('id', 'images')):
+    query_id = _query_id(line, row, seen, problems, solution)
+    images = tuple((row.get('images') or '').split())
+    if len(images) > RETRIEVAL_DEPTH:
+      problems.append(f'line {line}: {len(images)} images, at most {RETRIEVAL_DEPTH} are scored')
+    elif not all(csv_io.is_safe_image_id(image) for image in images):
+      problems.append(f'line {line}: an image id is not a valid id')
+    elif query_id is not None:
+      rankings[query_id] = images
+  _raise_if(problems, path)
+  return rankings
+
+
+def write_retrieval_submission(path: str, rankings: Mapping[str, Sequence[str]]) -> None:
+  """Writes `id,images` rows (space-separated, best first), complete or not at all."""
+  files.write_csv_atomically(path, ['id', 'images'], (
+      (query_id, ' '.join(images[:RETRIEVAL_DEPTH])) for query_id, images in rankings.items()))
+
+
+def score_recognition(predictions: Mapping[str, Prediction],
+                      solution: Mapping[str, FrozenSet[int]]) -> Dict[str, float]:
+  """GAP as Kaggle scores it (predictions on non-landmark queries count as wrong), GAP over
+  landmark queries only, accuracy of the predictions on landmark queries, and counts."""
+  landmark_queries = [query for query, landmarks in solution.items() if landmarks]
+  if not landmark_queries:
+    raise SubmissionError('the solution has no landmark query; GAP is undefined')
+  truth = {query: set(landmarks) or None for query, landmarks in solution.items()}
+  correct = sum(1 for query in landmark_queries
+                if predictions.get(query) and predictions[query][0] in solution[query])
+  return {
+      'gap': metrics.gap(predictions, truth),
+      'gap_landmark_queries_only': metrics.gap(predictions, truth,
+                                               count_non_landmark_predictions=False),
+      'accuracy_on_landmark_queries': correct / len(landmark_queries),
+      'queries': len(solution), 'landmark_queries': len(landmark_queries),
+      'predictions': sum(1 for prediction in predictions.values() if prediction is not None),
+      'predictions_on_non_landmark_queries': sum(
+          1 for query, prediction in predictions.items()
+          if prediction is not None and not solution[query]),
+  }
+
+
+def score_retrieval(rankings: Mapping[str, Sequence[str]],
+                    solution: Mapping[str, Sequence[str]]) -> Dict[str, float]:
+  """mAP@100 over the queries with relevant images, as the Kaggle retrieval challenge scores it."""
+  truth = {query: set(images) or None for query, images in solution.items()}
+  return {'map@100': metrics.mean_average_precision_at_k(rankings, truth, RETRIEVAL_DEPTH),
+          'queries_with_relevant_images': sum(1 for images in solution.values() if images)}
