@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tf_landmarks import csv_io
 from tf_landmarks import submission
 from helpers import REAL_DATA, REPO, requires_real_data
 
@@ -61,12 +62,12 @@ def test_malformed_recognition_rows_are_reported_with_line_numbers(tmp_path, row
 
 def test_structural_errors(tmp_path):
   truth = submission.read_recognition_solution(_write(tmp_path, 'solution.csv', SOLUTION))
-  with pytest.raises(submission.SubmissionError, match='missing column'):
+  with pytest.raises(csv_io.CsvError, match='missing column'):
     submission.read_recognition_submission(_write(tmp_path, 'a.csv', 'id,label\nq1,2\n'), truth)
   with pytest.raises(submission.SubmissionError, match='line 3: id q1 repeated'):
     submission.read_recognition_submission(
         _write(tmp_path, 'b.csv', 'id,landmarks\nq1,2 0.5\nq1,3 0.4\n'), truth)
-  with pytest.raises(submission.SubmissionError, match='file not found'):
+  with pytest.raises(csv_io.CsvError, match='file not found'):
     submission.read_recognition_submission(str(tmp_path / 'none.csv'), truth)
 
 

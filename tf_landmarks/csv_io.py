@@ -62,8 +62,14 @@ class SkippedRow:
   reason: str
 
 
-def _open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-  """Yields (line number, row dict) of a CSV after checking that it has the required columns."""
+def open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, row dict) of a CSV after checking that it has the required columns.
+
+  A UTF-8 byte-order mark is ignored and header names are stripped.
+
+  Raises:
+    CsvError: the file is missing, unreadable, empty or lacks a required column.
+  """
   if not tf.io.gfile.exists(path):
     raise CsvError(f'{path}: file not found')
   with tf.io.gfile.GFile(path, 'r') as f:
@@ -149,7 +155,7 @@ def read_train_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
       row.
   """
   rows, skipped, seen = [], [], set()
-  for line, row in _open_rows(path, ('id', 'landmark_id')):
+  for line, row in open_rows(path, ('id', 'landmark_id')):
     image_id = _check_id(path, line, row.get('id'), seen, skipped)
     if image_id is None:
       continue
@@ -168,7 +174,7 @@ def read_test_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
   Returns and raises as `read_train_csv`; rows have landmark_id None.
   """
   rows, skipped, seen = [], [], set()
-  for line, row in _open_rows(path, ('id',)):
+  for line, row in open_rows(path, ('id',)):
     image_id = _check_id(path, line, row.get('id'), seen, skipped)
     if image_id is not None:
       rows.append(ImageRow(image_id, (row.get('url') or '').strip(), None))
@@ -196,7 +202,7 @@ def read_train_clean_csv(path: str) -> tuple[Dict[str, int], List[SkippedRow]]:
     CsvError: as `read_train_csv`.
   """
   clean, skipped, seen = {}, [], set()
-  for line, row in _open_rows(path, ('landmark_id', 'images')):
+  for line, row in open_rows(path, ('landmark_id', 'images')):
     landmark_id, reason = _parse_landmark_id(row.get('landmark_id'))
     if landmark_id is None:
       skipped.append(SkippedRow(path, line, '', reason))

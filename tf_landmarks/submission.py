@@ -4,15 +4,12 @@ Recognition: the solution is `id,landmarks[,Usage]` (space-separated landmark id
 without a landmark); a submission is `id,landmarks` with one `"<landmark_id> <confidence>"` or
 nothing. Retrieval: the solution is `id,images[,Usage]` (the relevant index images); a submission is
 `id,images` with up to 100 index image ids, best first. Submissions are untrusted input: every
-malformed row is reported with its line number, and nothing is scored until the file is clean.
+malformed row is reported with its line number, and nothing is scored until the file is clean
+(unreadable files and missing columns raise `csv_io.CsvError`, like the builder's CSVs).
 """
 
-import csv
-import io
 import math
-from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
-
-import tensorflow as tf
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from tf_landmarks import csv_io
 from tf_landmarks import errors
@@ -27,26 +24,6 @@ Prediction = Optional[Tuple[int, float]]
 
 class SubmissionError(errors.UserError):
   """A submission or solution file cannot be scored; the message lists the problems."""
-
-
-def _rows(path: str, columns: Sequence[str]) -> Iterator[Tuple[int, dict]]:
-  if not tf.io.gfile.exists(path):
-    raise SubmissionError(f'{path}: file not found')
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read().lstrip('\ufeff')
-  reader = csv.DictReader(io.StringIO(text))
-  header = [name.strip() for name in reader.fieldnames or []]
-  missing = [name for name in columns if name not in header]
-  if missing:
-    raise SubmissionError(f'{path}: missing column(s) {", ".join(missing)}; the header has '
-                          f'{", ".join(header) or "no columns"}')
-  reader.fieldnames = header
-  try:
-    for row in reader:
-      yield reader.line_num, row
-  except csv.Error as error:
-    raise SubmissionError(f'{path}: not a readable CSV near line {reader.line_num} '
-                          f'({error})') from None
 
 
 def _raise_if(problems: List[str], path: str) -> None:
@@ -74,7 +51,7 @@ def _query_id(line: int, row: dict, seen: set, problems: List[str],
 def read_recognition_solution(path: str) -> Dict[str, FrozenSet[int]]:
   """Query id → its landmark ids (empty for a query that shows no landmark)."""
   solution, problems, seen = {}, [], set()
-  for line, row in _rows(path, ('id', 'landmarks')):
+  for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
     query_id = _query_id(line, row, seen, problems, None)
     try:
       landmarks = frozenset(int(value) for value in (row.get('landmarks') or '').split())
@@ -93,7 +70,7 @@ def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]
                                 ) -> Dict[str, Prediction]:
   """Query id → (landmark id, confidence) or None; every id must be a query of `solution`."""
   predictions, problems, seen = {}, [], set()
-  for line, row in _rows(path, ('id', 'landmarks')):
+  for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
     query_id = _query_id(line, row, seen, problems, solution)
     value = (row.get('landmarks') or '').split()
     if not value:
@@ -124,7 +101,7 @@ def write_recognition_submission(path: str, predictions: Mapping[str, Prediction
 def read_retrieval_solution(path: str) -> Dict[str, Tuple[str, ...]]:
   """Query id → its relevant index image ids (queries without any are kept, with none)."""
   solution, problems, seen = {}, [], set()
-  for line, row in _rows(path, ('id', 'images')):
+  for line, row in csv_io.open_rows(path, ('id', 'images')):
     query_id = _query_id(line, row, seen, problems, None)
     if query_id is not None:
       solution[query_id] = tuple((row.get('images') or '').split())
@@ -138,7 +115,7 @@ def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
                               ) -> Dict[str, Tuple[str, ...]]:
   """Query id → up to 100 index image ids, best first; every id must be a query of `solution`."""
   rankings, problems, seen = {}, [], set()
-  for line, row in _rows(path, ('id', 'images')):
+  for line, row in csv_io.open_rows(path, ('id', 'images')):
     query_id = _query_id(line, row, seen, problems, solution)
     images = tuple((row.get('images') or '').split())
     if len(images) > RETRIEVAL_DEPTH:
