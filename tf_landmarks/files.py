@@ -23,6 +23,35 @@ def join(*parts: str) -> str:
   return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
 
 
+def read_versioned_json(path: str, expected_format: str, what: str, hint: str,
+                        error: type) -> dict:
+  """Reads an artifact's JSON (manifest, run.json, index.json) and checks its format version.
+
+  Args:
+    path: the file (any tf.io.gfile path); the caller has checked that it exists.
+    expected_format: the value its "format" key must have.
+    what: the artifact, for the message ("a manifest", "a run", …).
+    hint: what the user should do about a foreign or outdated file.
+    error: the exception type to raise (a `errors.UserError` subclass).
+
+  Raises:
+    error: the file is not valid JSON, not an object, or of another format.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as decode_error:
+    raise error(f'{path} is not valid JSON ({decode_error})') from None
+  found = value.get('format') if isinstance(value, dict) else None
+  if found != expected_format:
+    raise error(f'{path} is not {what} this version reads (format {found!r}, expected '
+                f'{expected_format!r}); {hint}')
+  return value
+
+
 def write_atomically(path: str, data: Union[bytes, str]) -> None:
   """Writes `data` to `path` through a temporary file unique to this process and thread."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

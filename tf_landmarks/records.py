@@ -129,16 +129,8 @@ def load_manifest(records_dir: str) -> dict:
                          'with tfl-build-records --resume')
     raise RecordsError(f'{records_dir} is not a record build (no {MANIFEST}); make one with '
                        'tfl-build-records')
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    manifest = json.loads(text)
-  except json.JSONDecodeError as error:
-    raise RecordsError(f'{path} is not valid JSON ({error})') from None
-  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
-    found = manifest.get('format') if isinstance(manifest, dict) else None
-    raise RecordsError(f'{path} is not a manifest this version reads (format {found!r}, expected '
-                       f'{FORMAT!r}); rebuild the folder with tfl-build-records --overwrite')
+  manifest = files.read_versioned_json(path, FORMAT, 'a manifest', 'rebuild the folder with '
+                                       'tfl-build-records --overwrite', RecordsError)
   try:
     well_formed = isinstance(manifest['num_classes'], int) and all(
         isinstance(shard['file'], str) and isinstance(shard['examples'], int)

@@ -348,11 +348,8 @@ def _read_run(run_dir: str) -> dict:
   path = files.join(run_dir, RUN_JSON)
   if not tf.io.gfile.exists(path):
     raise TrainError(f'{run_dir} is not a finished training run (no {RUN_JSON})')
-  with tf.io.gfile.GFile(path) as f:
-    run = json.load(f)
-  if run.get('format') != RUN_FORMAT:
-    raise TrainError(f'{path} is not a run this version reads (format {run.get("format")!r})')
-  return run
+  return files.read_versioned_json(path, RUN_FORMAT, 'a run', 'train it again with tfl-train',
+                                   TrainError)
 
 
 def _resolve_weights(config: TrainConfig, init_run: Optional[dict]) -> str:

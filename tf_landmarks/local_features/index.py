@@ -208,16 +208,8 @@ def _read_run(run_dir: str, flag: str) -> dict:
   if not tf.io.gfile.exists(path):
     raise LandmarkIndexError(f'--{flag}={run_dir} is not a finished training run (no '
                              f'{train.RUN_JSON})')
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    run = json.loads(text)
-  except json.JSONDecodeError as error:
-    raise LandmarkIndexError(f'{path} is not valid JSON ({error})') from None
-  if not isinstance(run, dict) or run.get('format') != train.RUN_FORMAT:
-    found = run.get('format') if isinstance(run, dict) else None
-    raise LandmarkIndexError(f'{path} is not a run this version reads (format {found!r}, '
-                             f'expected {train.RUN_FORMAT!r})')
+  run = files.read_versioned_json(path, train.RUN_FORMAT, 'a run',
+                                  'train it again with tfl-train', LandmarkIndexError)
   kinds = {'mode': str, 'backbone': str, 'image_size': int, 'records_dir': str, 'num_classes': int}
   if not all(isinstance(run.get(key), kind) for key, kind in kinds.items()):
     raise LandmarkIndexError(f'{path} is incomplete or damaged (it needs '
@@ -711,16 +703,8 @@ class Index:
                                  'with tfl-build-index --resume')
       raise LandmarkIndexError(f'{path} is not an index (no {INDEX_JSON}); build one with '
                                'tfl-build-index')
-    with open(metadata_path) as f:
-      try:
-        metadata = json.load(f)
-      except json.JSONDecodeError as error:
-        raise LandmarkIndexError(f'{metadata_path} is not valid JSON ({error})') from None
-    if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
-      found = metadata.get('format') if isinstance(metadata, dict) else None
-      raise LandmarkIndexError(f'{metadata_path} is not an index this version reads (format '
-                               f'{found!r}, expected {FORMAT!r}); rebuild it')
-    return metadata
+    return files.read_versioned_json(metadata_path, FORMAT, 'an index', 'rebuild it',
+                                     LandmarkIndexError)
 
   @property
   def num_images(self) -> int:
