@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tf_landmarks import csv_io
@@ -119,3 +120,45 @@ def test_real_solutions_read_and_a_perfect_submission_scores_one(tmp_path):
   assert submission.score_recognition(perfect, truth)['gap'] == pytest.approx(1.0)
   relevant = submission.read_retrieval_solution(str(REAL_DATA / 'retrieval_solution.csv'))
   assert submission.score_retrieval(relevant, relevant)['map@100'] == pytest.approx(1.0)
+
+
+# Per class: q6 shows landmarks 2 and 3, q5 none; q4 abstains, q7 has no row at all.
+PER_CLASS_SOLUTION = 'id,landmarks\nq1,2\nq2,3\nq3,1\nq4,3\nq5,\nq6,2 3\nq7,1\n'
+PER_CLASS_SUBMISSION = 'id,landmarks\nq1,2 0.9\nq2,1 0.8\nq3,1 0.7\nq4,\nq5,4 0.6\nq6,3 0.5\n'
+
+
+def test_per_class_precision_recall_f1_through_files(tmp_path):
+  truth = submission.read_recognition_solution(_write(tmp_path, 'solution.csv', PER_CLASS_SOLUTION))
+  predictions = submission.read_recognition_submission(
+      _write(tmp_path, 'submission.csv', PER_CLASS_SUBMISSION), truth)
+  per_class = submission.per_class_recognition(predictions, truth)
+  # Landmark 1: queries q3, q7; predicted on q2 (wrong) and q3 (right): P = 1/2, R = 1/2.
+  # Landmark 2: query q1 (q6 counts under 3, the landmark predicted for it); predicted on q1: 1, 1.
+  # Landmark 3: queries q2, q4, q6; predicted on q6 only: P = 1, R = 1/3, F1 = 2·(1/3)/(4/3) = 1/2.
+  # Landmark 4: no query; predicted on q5, which shows no landmark: a false positive, P = 0.
+  assert per_class.landmark_ids.tolist() == [1, 2, 3, 4]
+  assert per_class.scores.support.tolist() == [2, 1, 3, 0]
+  assert per_class.predicted.tolist() == [2, 1, 1, 1]
+  assert per_class.correct.tolist() == [1, 1, 1, 0]
+  np.testing.assert_allclose(per_class.scores.precision, [0.5, 1, 1, 0])
+  np.testing.assert_allclose(per_class.scores.recall, [0.5, 1, 1 / 3, 0])
+  np.testing.assert_allclose(per_class.scores.f1, [0.5, 1, 0.5, 0])
+  # Macro means over the landmarks with queries (1, 2, 3): the never-shown 4 is left out.
+  assert per_class.macro_averages() == pytest.approx({
+      'classes_with_test_queries': 3, 'classes_predicted': 4, 'macro_precision': 2.5 / 3,
+      'macro_recall': (0.5 + 1 + 1 / 3) / 3, 'macro_f1': 2 / 3})
+
+
+def test_open_predictions_folder_finds_the_files_and_checks_the_format(tmp_path):
+  (tmp_path / 'predict.json').write_text(json.dumps(
+      {'format': submission.PREDICTIONS_FORMAT, 'records_dir': 'records/x'}))
+  (tmp_path / 'recognition.csv').write_text('id,landmarks\n')
+  folder = submission.open_predictions_folder(str(tmp_path))
+  assert folder.records_dir == 'records/x'
+  assert folder.recognition == str(tmp_path / 'recognition.csv')
+  assert folder.unverified_recognition is None and folder.retrieval is None
+  (tmp_path / 'predict.json').write_text(json.dumps({'format': 'something else'}))
+  with pytest.raises(submission.SubmissionError, match="format 'something else'"):
+    submission.open_predictions_folder(str(tmp_path))
+  with pytest.raises(submission.SubmissionError, match='not a predictions folder'):
+    submission.open_predictions_folder(str(tmp_path / 'missing'))

@@ -6,10 +6,16 @@ nothing. Retrieval: the solution is `id,images[,Usage]` (the relevant index imag
 `id,images` with up to 100 index image ids, best first. Submissions are untrusted input: every
 malformed row is reported with its line number, and nothing is scored until the file is clean
 (unreadable files and missing columns raise `csv_io.CsvError`, like the builder's CSVs).
+Besides the challenge scores, `per_class_recognition` gives each landmark's precision, recall and F1.
+`open_predictions_folder` finds the submissions in the output folder of the prediction command.
 """
 
+import dataclasses
 import math
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
 
 from tf_landmarks import csv_io
 from tf_landmarks import errors
@@ -18,6 +24,8 @@ from tf_landmarks import metrics
 
 RETRIEVAL_DEPTH = 100
 _SHOWN_PROBLEMS = 5
+PREDICTIONS_FORMAT = 'tf-landmarks predictions v1'
+PREDICTIONS_JSON = 'predict.json'
 
 Prediction = Optional[Tuple[int, float]]
 
@@ -157,9 +165,121 @@ def score_recognition(predictions: Mapping[str, Prediction],
   }
 
 
+def scored_landmark(landmarks: FrozenSet[int], prediction: Prediction) -> Optional[int]:
+  """The one landmark a query counts under in per-class tables: the predicted one if it is among
+  the query's landmarks, else the smallest of them; None for a query that shows no landmark."""
+  if not landmarks:
+    return None
+  if prediction is not None and prediction[0] in landmarks:
+    return prediction[0]
+  return min(landmarks)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerClassRecognition:
+  """Per-landmark scores of a recognition submission (arrays [C], in `landmark_ids` order).
+
+  Attributes:
+    landmark_ids: int64 [C], every landmark of the solution or of a prediction, ascending.
+    scores: precision, recall, F1 and support (test queries of the landmark).
+    predicted: int64 [C], predictions naming the landmark.
+    correct: int64 [C], of those, the ones on a query showing it.
+  """
+  landmark_ids: np.ndarray
+  scores: metrics.PerClassScores
+  predicted: np.ndarray
+  correct: np.ndarray
+
+  def macro_averages(self) -> Dict[str, float]:
+    """Unweighted means of precision, recall and F1 over the landmarks with test queries (the
+    landmarks only ever predicted would otherwise pull every mean towards 0)."""
+    present = self.scores.support > 0
+    return {'classes_with_test_queries': int(present.sum()),
+            'classes_predicted': int((self.predicted > 0).sum()),
+            **{f'macro_{name}': float(getattr(self.scores, name)[present].mean())
+               if present.any() else 0.0 for name in ('precision', 'recall', 'f1')}}
+
+
+def per_class_recognition(predictions: Mapping[str, Prediction],
+                          solution: Mapping[str, FrozenSet[int]]) -> PerClassRecognition:
+  """Precision, recall and F1 of every landmark, counting every prediction whatever its confidence.
+
+  A prediction on a query without a landmark is a false positive of the predicted landmark; a query
+  without a prediction is a false negative of its landmark only. A query showing several landmarks
+  counts under one (`scored_landmark`), so the supports add up to the landmark queries.
+
+  Args:
+    predictions: query id → (landmark id, confidence) or None, ids all in `solution`.
+    solution: query id → its landmark ids (empty for no landmark).
+  """
+  def true_landmark(query):
+    return scored_landmark(solution[query], predictions.get(query))
+
+  def predicted_landmark(query):
+    prediction = predictions.get(query)
+    return None if prediction is None else prediction[0]
+
+  queries = list(solution)
+  landmarks = sorted(({true_landmark(q) for q in queries} | {predicted_landmark(q) for q in queries})
+                     - {None})
+  index = {landmark: i for i, landmark in enumerate(landmarks)}
+  true_labels = np.array([index.get(true_landmark(q), -1) for q in queries], np.int64)
+  predicted_labels = np.array([index.get(predicted_landmark(q), -1) for q in queries], np.int64)
+  scores = metrics.per_class_precision_recall_f1(true_labels, predicted_labels, len(landmarks))
+  made = predicted_labels >= 0
+  correct = made & (predicted_labels == true_labels)
+  return PerClassRecognition(
+      landmark_ids=np.array(landmarks, np.int64), scores=scores,
+      predicted=np.bincount(predicted_labels[made], minlength=len(landmarks)),
+      correct=np.bincount(predicted_labels[correct], minlength=len(landmarks)))
+
+
 def score_retrieval(rankings: Mapping[str, Sequence[str]],
                     solution: Mapping[str, Sequence[str]]) -> Dict[str, float]:
   """mAP@100 over the queries with relevant images, as the Kaggle retrieval challenge scores it."""
   truth = {query: set(images) or None for query, images in solution.items()}
   return {'map@100': metrics.mean_average_precision_at_k(rankings, truth, RETRIEVAL_DEPTH),
           'queries_with_relevant_images': sum(1 for images in solution.values() if images)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionsFolder:
+  """The submissions in the prediction command's output folder (None: the file is absent).
+
+  Attributes:
+    path: the folder.
+    records_dir: the records folder of the index it predicted against, from predict.json.
+    recognition: `recognition.csv`, the verified recognition submission.
+    unverified_recognition: `recognition_unverified.csv`, the same queries before local-feature
+      verification (first stage only).
+    retrieval: `retrieval.csv`.
+  """
+  path: str
+  records_dir: Optional[str]
+  recognition: Optional[str]
+  unverified_recognition: Optional[str]
+  retrieval: Optional[str]
+
+
+def open_predictions_folder(path: str) -> PredictionsFolder:
+  """Checks predict.json of a prediction folder and finds its submission files.
+
+  Raises:
+    SubmissionError: no predict.json, or one of another format.
+  """
+  manifest_path = files.join(path, PREDICTIONS_JSON)
+  if not tf.io.gfile.exists(manifest_path):
+    raise SubmissionError(f'{path} is not a predictions folder (no {PREDICTIONS_JSON})')
+  manifest = files.read_versioned_json(manifest_path, PREDICTIONS_FORMAT, 'a predictions folder',
+                                       'rerun the prediction command', SubmissionError)
+
+  def present(name: str) -> Optional[str]:
+    candidate = files.join(path, name)
+    return candidate if tf.io.gfile.exists(candidate) else None
+
+  records_dir = manifest.get('records_dir')
+  return PredictionsFolder(
+      path=path, records_dir=records_dir if isinstance(records_dir, str) and records_dir else None,
+      recognition=present('recognition.csv'),
+      unverified_recognition=present('recognition_unverified.csv'),
+      retrieval=present('retrieval.csv'))
