@@ -1,65 +1,176 @@
-r"""tfl-evaluate: scores Kaggle submissions as the Google Landmark challenges do.
+r"""tfl-evaluate: scores Kaggle submissions as the Google Landmark challenges do, and reports on them.
 
 Examples:
   tfl-evaluate --recognition_submission=submission.csv \
       --recognition_solution=data/synthetic/recognition_solution.csv
   tfl-evaluate --retrieval_submission=retrieval.csv \
       --retrieval_solution=../shared/data/landmarks-real/retrieval_solution.csv
+  tfl-evaluate --predictions_dir=predictions/synthetic \
+      --recognition_solution=data/synthetic/recognition_solution.csv \
+      --retrieval_solution=data/synthetic/retrieval_solution.csv --report_dir=report
 
 Recognition: GAP (predictions on queries without a landmark count as wrong, as on Kaggle), GAP over
-landmark queries only, and accuracy on landmark queries. Retrieval: mAP@100. A malformed or unknown
-row is reported with its line number and nothing is scored.
+landmark queries only, accuracy on landmark queries, and per-class precision, recall and F1 (macro
+averages printed; every class in the report). Retrieval: mAP@100. A malformed or unknown row is
+reported with its line number and nothing is scored. --report_dir writes report/index.html with the
+numbers, the class-frequency histogram, the confusion matrix, the precision-recall curve(s) and the
+most confident mistakes with their match pictures.
 """
 
+import functools
 import json
+import sys
 
 from absl import flags
 
 from tf_landmarks import errors
 from tf_landmarks import files
+from tf_landmarks import records
+from tf_landmarks import report
 from tf_landmarks import submission
 from tf_landmarks.cli import common
 
 _RECOGNITION_SUBMISSION = flags.DEFINE_string(
     'recognition_submission', None, 'Recognition submission: id,landmarks with "<landmark_id> '
-    '<confidence>" or empty.')
+    '<confidence>" or empty. Default with --predictions_dir: its recognition.csv.')
+_UNVERIFIED_RECOGNITION_SUBMISSION = flags.DEFINE_string(
+    'unverified_recognition_submission', None, 'The same queries scored by the first stage only '
+    '(before local-feature verification), shown beside --recognition_submission. Default with '
+    '--predictions_dir: its recognition_unverified.csv.')
 _RECOGNITION_SOLUTION = flags.DEFINE_string(
     'recognition_solution', None, 'Recognition solution: id,landmarks[,Usage] (space-separated '
     'landmark ids; empty for no landmark).')
 _RETRIEVAL_SUBMISSION = flags.DEFINE_string(
     'retrieval_submission', None, 'Retrieval submission: id,images with up to 100 index image '
-    'ids, best first.')
+    'ids, best first. Default with --predictions_dir and --retrieval_solution: its retrieval.csv.')
 _RETRIEVAL_SOLUTION = flags.DEFINE_string(
     'retrieval_solution', None, 'Retrieval solution: id,images[,Usage] (the relevant index images).')
+_PREDICTIONS_DIR = flags.DEFINE_string(
+    'predictions_dir', None, 'Output folder of the prediction command (predict.json, '
+    'recognition.csv, recognition_unverified.csv, retrieval.csv): the default submissions and '
+    'records folder; the report\'s mistakes get match pictures drawn from it.')
+_RECORDS_DIR = flags.DEFINE_string(
+    'records_dir', None, 'Records folder of the training set, for the report\'s class-frequency '
+    'histogram and per-class training counts. Default with --predictions_dir: the one in its '
+    'predict.json (left out with a note if it cannot be read).')
+_REPORT_DIR = flags.DEFINE_string(
+    'report_dir', None, 'Write an HTML report here: index.html (written last) with the numbers, '
+    'pictures, per-class table and worst mistakes, the PNGs beside it, and per_class.csv.')
+_REPORT_MISTAKES = flags.DEFINE_integer(
+    'report_mistakes', report.ReportLimits.mistakes, 'Wrong predictions listed in the report, the '
+    'most confident first, each with its match picture.', lower_bound=0)
 _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Also write the scores to this JSON file.')
 
 
+def _drawer(predictions_dir):
+  """The prediction module's match-picture drawer for this folder, if that module provides one."""
+  if not predictions_dir:
+    return None
+  try:
+    # Imported here: the prediction module is optional for scoring and loads the models' code.
+    from tf_landmarks import predict  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  draw_match = getattr(predict, 'draw_match', None)
+  return functools.partial(draw_match, predictions_dir) if draw_match else None
+
+
+def _train_class_counts(folder, notes):
+  """landmark id → training images, from --records_dir or the predictions folder's records."""
+  if _RECORDS_DIR.value:
+    built = records.load(_RECORDS_DIR.value)
+  elif folder and folder.records_dir:
+    try:
+      built = records.load(folder.records_dir)
+    except errors.UserError as error:
+      # Only a default: the prediction may have run where its records folder lives.
+      notes.append(f'class-frequency histogram left out: {error}')
+      return None
+  else:
+    return None
+  return dict(zip(built.landmark_ids, built.class_counts))
+
+
+def _print_recognition(name, scores, per_class):
+  macro = per_class.macro_averages()
+  print(f'{name}: GAP {scores["gap"]:.4f} (landmark queries only '
+        f'{scores["gap_landmark_queries_only"]:.4f}), accuracy on landmark queries '
+        f'{scores["accuracy_on_landmark_queries"]:.4f}; {scores["predictions"]} predictions for '
+        f'{scores["queries"]} queries ({scores["landmark_queries"]} with a landmark, '
+        f'{scores["predictions_on_non_landmark_queries"]} predictions on queries without one)')
+  print(f'  per class: macro precision {macro["macro_precision"]:.4f}, recall '
+        f'{macro["macro_recall"]:.4f}, F1 {macro["macro_f1"]:.4f} over '
+        f'{macro["classes_with_test_queries"]} landmarks with test queries')
+  return {**scores, 'per_class': macro}
+
+
 def main() -> int:
-  scores = {}
-  pairs = {'recognition': (_RECOGNITION_SUBMISSION.value, _RECOGNITION_SOLUTION.value),
-           'retrieval': (_RETRIEVAL_SUBMISSION.value, _RETRIEVAL_SOLUTION.value)}
+  folder = (submission.open_predictions_folder(_PREDICTIONS_DIR.value)
+            if _PREDICTIONS_DIR.value else None)
+  recognition_path = _RECOGNITION_SUBMISSION.value or (
+      folder.recognition if folder and _RECOGNITION_SOLUTION.value else None)
+  unverified_path = _UNVERIFIED_RECOGNITION_SUBMISSION.value or (
+      folder.unverified_recognition if folder and recognition_path else None)
+  retrieval_path = _RETRIEVAL_SUBMISSION.value or (
+      folder.retrieval if folder and _RETRIEVAL_SOLUTION.value else None)
+  pairs = {'recognition': (recognition_path, _RECOGNITION_SOLUTION.value),
+           'retrieval': (retrieval_path, _RETRIEVAL_SOLUTION.value)}
   for task, (submitted, solution) in pairs.items():
     if bool(submitted) != bool(solution):
-      raise errors.UserError(f'give both --{task}_submission and --{task}_solution')
+      where = f' (or --predictions_dir holding {task}.csv)' if not submitted else ''
+      raise errors.UserError(f'give both --{task}_submission{where} and --{task}_solution')
   if not any(submitted for submitted, _ in pairs.values()):
     raise errors.UserError('give --recognition_submission and --recognition_solution, and/or the '
-                           'retrieval pair')
-  if _RECOGNITION_SUBMISSION.value:
-    truth = submission.read_recognition_solution(_RECOGNITION_SOLUTION.value)
-    predictions = submission.read_recognition_submission(_RECOGNITION_SUBMISSION.value, truth)
-    scores['recognition'] = submission.score_recognition(predictions, truth)
-    r = scores['recognition']
-    print(f'recognition: GAP {r["gap"]:.4f} (landmark queries only '
-          f'{r["gap_landmark_queries_only"]:.4f}), accuracy on landmark queries {r["accuracy_on_landmark_queries"]:.4f}; '
-          f'{r["predictions"]} predictions for {r["queries"]} queries '
-          f'({r["landmark_queries"]} with a landmark, {r["predictions_on_non_landmark_queries"]} '
-          'predictions on queries without one)')
-  if _RETRIEVAL_SUBMISSION.value:
-    truth = submission.read_retrieval_solution(_RETRIEVAL_SOLUTION.value)
-    rankings = submission.read_retrieval_submission(_RETRIEVAL_SUBMISSION.value, truth)
-    scores['retrieval'] = submission.score_retrieval(rankings, truth)
+                           'retrieval pair (or --predictions_dir and the solutions)')
+  if unverified_path and not recognition_path:
+    raise errors.UserError('--unverified_recognition_submission is scored beside '
+                           '--recognition_submission: give that and --recognition_solution too')
+  if _RECORDS_DIR.value and not _REPORT_DIR.value:
+    raise errors.UserError('--records_dir is read for the report only: give --report_dir too')
+  scores, notes, sources = {}, [], []
+  recognition_truth = recognition = unverified = None
+  if recognition_path:
+    recognition_truth = submission.read_recognition_solution(_RECOGNITION_SOLUTION.value)
+    recognition = submission.read_recognition_submission(recognition_path, recognition_truth)
+    sources += [('recognition solution', _RECOGNITION_SOLUTION.value),
+                ('recognition submission', recognition_path)]
+    if unverified_path:
+      unverified = submission.read_recognition_submission(unverified_path, recognition_truth)
+      sources.append(('first-stage recognition submission', unverified_path))
+      scores['recognition_first_stage'] = _print_recognition(
+          'recognition, first stage only',
+          submission.score_recognition(unverified, recognition_truth),
+          submission.per_class_recognition(unverified, recognition_truth))
+    scores['recognition'] = _print_recognition(
+        'recognition', submission.score_recognition(recognition, recognition_truth),
+        submission.per_class_recognition(recognition, recognition_truth))
+    if unverified_path:
+      before, after = scores['recognition_first_stage'], scores['recognition']
+      print(f'recognition GAP: first stage only {before["gap"]:.4f} → verified '
+            f'{after["gap"]:.4f} (landmark queries only {before["gap_landmark_queries_only"]:.4f} '
+            f'→ {after["gap_landmark_queries_only"]:.4f})')
+  retrieval_truth = rankings = None
+  if retrieval_path:
+    retrieval_truth = submission.read_retrieval_solution(_RETRIEVAL_SOLUTION.value)
+    rankings = submission.read_retrieval_submission(retrieval_path, retrieval_truth)
+    sources += [('retrieval solution', _RETRIEVAL_SOLUTION.value),
+                ('retrieval submission', retrieval_path)]
+    scores['retrieval'] = submission.score_retrieval(rankings, retrieval_truth)
     print(f'retrieval: mAP@100 {scores["retrieval"]["map@100"]:.4f} over '
           f'{scores["retrieval"]["queries_with_relevant_images"]} queries with relevant images')
+  if _REPORT_DIR.value:
+    train_counts = _train_class_counts(folder, notes)
+    if train_counts is not None:
+      sources.append(('records', _RECORDS_DIR.value or folder.records_dir))
+    page = report.write_report(
+        _REPORT_DIR.value, recognition_solution=recognition_truth, recognition=recognition,
+        first_stage_recognition=unverified, retrieval_solution=retrieval_truth,
+        retrieval=rankings, train_class_counts=train_counts,
+        draw_match=_drawer(_PREDICTIONS_DIR.value), sources=sources, notes=notes,
+        limits=report.ReportLimits(mistakes=_REPORT_MISTAKES.value))
+    for note in notes:
+      print(f'note: {note}', file=sys.stderr)
+    print(f'report: {page}')
   if _OUTPUT_JSON.value:
     files.write_atomically(_OUTPUT_JSON.value, json.dumps(scores, indent=1))
   return 0
