@@ -136,3 +136,49 @@ def synthetic_records(root, num_landmarks: int, num_train_images: int, num_test_
   settings.update(build)
   ingest.build_records(ingest.BuildConfig(**settings))
   return root / 'records'
+
+
+def trained_world(root, backend: str = 'sift', num_landmarks: int = 5,
+                  num_train_images: int = 50, num_test_images: int = 16,
+                  classifier_epochs: int = 2) -> Dict[str, str]:
+  """A synthetic world with its records (test split included), a tiny classifier and an index.
+
+  With backend 'delf' a DELF run is trained on the classifier and the index uses its features
+  (three scales, 16-d PCA, to stay quick). The prediction and export tests' fixture.
+
+  Returns:
+    Paths: 'world' (the CSVs and images), 'records', 'classifier', 'delf' (or None), 'index'.
+  """
+  from tf_landmarks import data  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import synthetic  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import train  # pylint: disable=g-import-not-at-top
+  from tf_landmarks.local_features import index  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  world = root / 'world'
+  synthetic.generate(str(world), synthetic.WorldSpec(
+      seed=5, num_landmarks=num_landmarks, num_unseen_landmarks=1,
+      num_train_images=num_train_images, num_test_images=num_test_images, image_size=128))
+  ingest.build_records(ingest.BuildConfig(
+      output_dir=str(root / 'records'), train_csv=str(world / 'train.csv'),
+      test_csv=str(world / 'test.csv'), image_dir=str(world / 'images'),
+      validation_fraction=0.2, max_image_size=128, examples_per_shard=32, num_workers=1,
+      progress=False))
+
+  def run(name, **overrides):
+    settings = dict(records_dir=str(root / 'records'), workdir=str(root / name), backbone='tiny',
+                    weights='none', head='softmax', batch_size=16, epochs=classifier_epochs,
+                    optimizer='adam', learning_rate=0.003, progress=False)
+    settings.update(overrides)
+    train.train(train.TrainConfig(**settings), data.InputConfig(image_size=64))
+    return str(root / name)
+
+  classifier = run('classifier')
+  delf = run('delf', mode=train.Mode.DELF, weights='', init_from=classifier, epochs=1) \
+      if backend == 'delf' else None
+  index_settings = dict(run=classifier, local_features=backend, output_dir=str(root / 'index'),
+                        split='train+validation', progress=False)
+  if delf:
+    index_settings.update(delf_run=delf, delf_scales='0.5,1,2', pca_dim=16)
+  index.build_index(index.IndexConfig(**index_settings))
+  return {'world': str(world), 'records': str(root / 'records'), 'classifier': classifier,
+          'delf': delf, 'index': str(root / 'index')}

@@ -98,7 +98,7 @@ def _balance(records: tf.data.Dataset, weights: np.ndarray, run_seed: int) -> tf
 
 def _resize_short_side(image: tf.Tensor, short_side: float) -> tf.Tensor:
   """Bilinear resize (float32 out) so that the shorter side is at least `short_side`."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
   scale = short_side / tf.reduce_min(shape)
   return tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32))
 
@@ -112,10 +112,21 @@ def _to_uint8(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image + 0.5, tf.uint8)
 
 
-def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  resized = _resize_short_side(tf.io.decode_jpeg(encoded, channels=3),
-                               image_size / _EVAL_CROP_FRACTION)
+def eval_crop(images: tf.Tensor, image_size: int) -> tf.Tensor:
+  """The evaluation crop: short side to image_size / 0.875, then the central square, as uint8.
+
+  Validation, the index's global descriptors and the exported classifier all see this crop.
+
+  Args:
+    images: [H, W, 3] or [B, H, W, 3], uint8 or float in [0, 255].
+    image_size: side of the square crop.
+  """
+  resized = _resize_short_side(images, image_size / _EVAL_CROP_FRACTION)
   return _to_uint8(tf.image.resize_with_crop_or_pad(resized, image_size, image_size))
+
+
+def _eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+  return eval_crop(tf.io.decode_jpeg(encoded, channels=3), image_size)
 
 
 def _train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,

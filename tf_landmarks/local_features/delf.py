@@ -220,6 +220,8 @@ class _ExtractionModule(tf.Module):
     super().__init__(name='delf_extraction')
     _check_extraction_options(model, pca, iou_threshold, max_side)
     self.model = model
+    # As for the classifier's export: TF Serving restores these, not Keras 3's wrappers.
+    self.model_variables = [variable.value for variable in model.variables]
     self._receptive_field = backbones.get(model.backbone_name).local_feature_receptive_field
     self._pca = pca
     self._iou_threshold = float(iou_threshold)

@@ -74,7 +74,6 @@ them) hold them in memory, 3.1 GB for 512-d; the local features stay on disk, re
 
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -87,6 +86,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from tf_landmarks import csv_io
 from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import files
@@ -200,7 +200,7 @@ def make_local_extractor(backend: str, *, max_features: int,
 # --- Runs ------------------------------------------------------------------------------------
 
 
-def _read_run(run_dir: str, flag: str) -> dict:
+def read_run(run_dir: str, flag: str) -> dict:
   """run.json of a finished training run, checked enough to use; raises LandmarkIndexError."""
   path = files.join(run_dir, train.RUN_JSON)
   if not tf.io.gfile.isdir(run_dir):
@@ -217,14 +217,6 @@ def _read_run(run_dir: str, flag: str) -> dict:
   return run
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    for block in iter(lambda: f.read(8 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _ends_like_a_zip(path: str) -> bool:
   """Whether the file ends with a zip archive's end record (as a whole .keras file does)."""
   size = tf.io.gfile.stat(path).length
@@ -235,7 +227,7 @@ def _ends_like_a_zip(path: str) -> bool:
     return b'PK\x05\x06' in f.read(tail_size)
 
 
-def _load_model(run_dir: str, flag: str, kind: type) -> keras.Model:
+def load_model(run_dir: str, flag: str, kind: type) -> keras.Model:
   """The run's model.keras, checked to be a `kind`; raises LandmarkIndexError."""
   path = files.join(run_dir, MODEL_FILE)
   if not tf.io.gfile.exists(path):
@@ -268,7 +260,7 @@ class _Inputs:
 
 
 def _open_inputs(config: IndexConfig) -> _Inputs:
-  run = _read_run(config.run, 'run')
+  run = read_run(config.run, 'run')
   if run['mode'] == train.Mode.DELF.value:
     raise LandmarkIndexError(f'--run={config.run} is a DELF run; --run takes a classifier run '
                              '(scratch, bottleneck or finetune), --delf_run the DELF one')
@@ -280,10 +272,10 @@ def _open_inputs(config: IndexConfig) -> _Inputs:
   if records.num_classes != run['num_classes']:
     raise LandmarkIndexError(f'{run["records_dir"]} now has {records.num_classes} classes, the run '
                              f'was trained on {run["num_classes"]}; it was rebuilt since')
-  inputs = _Inputs(run, _load_model(config.run, 'run', classifier.LandmarkClassifier), records,
-                   {'run_model_sha256': _sha256(files.join(config.run, MODEL_FILE))})
+  inputs = _Inputs(run, load_model(config.run, 'run', classifier.LandmarkClassifier), records,
+                   {'run_model_sha256': csv_io.file_sha256(files.join(config.run, MODEL_FILE))})
   if config.local_features == 'delf':
-    delf_run = _read_run(config.delf_run, 'delf_run')
+    delf_run = read_run(config.delf_run, 'delf_run')
     stage = (delf_run.get('delf') or {}).get('stage')
     if delf_run['mode'] != train.Mode.DELF.value:
       raise LandmarkIndexError(f'--delf_run={config.delf_run} is a {delf_run["mode"]} run, not a '
@@ -294,8 +286,9 @@ def _open_inputs(config: IndexConfig) -> _Inputs:
                                '(tfl-train --mode=delf --delf_stage=attention '
                                f'--init_from={config.delf_run})')
     inputs.delf_run = delf_run
-    inputs.delf = _load_model(config.delf_run, 'delf_run', delf_model.DelfModel)
-    inputs.checksums['delf_model_sha256'] = _sha256(files.join(config.delf_run, MODEL_FILE))
+    inputs.delf = load_model(config.delf_run, 'delf_run', delf_model.DelfModel)
+    inputs.checksums['delf_model_sha256'] = csv_io.file_sha256(
+        files.join(config.delf_run, MODEL_FILE))
   return inputs
 
 
@@ -825,10 +818,10 @@ class Index:
     delf_run = self.metadata['delf_run']
     model_path = files.join(delf_run, MODEL_FILE)
     if not tf.io.gfile.exists(model_path) or \
-        _sha256(model_path) != self.metadata['delf_model_sha256']:
+        csv_io.file_sha256(model_path) != self.metadata['delf_model_sha256']:
       raise LandmarkIndexError(f'{model_path}, which built the index {self.path}, is missing or '
                                'changed since; rebuild the index')
     return make_local_extractor('delf', max_features=local['max_features'],
-                                delf=_load_model(delf_run, 'delf_run', delf_model.DelfModel),
+                                delf=load_model(delf_run, 'delf_run', delf_model.DelfModel),
                                 delf_scales=local['delf_scales'],
                                 delf_abs_threshold=local['delf_abs_threshold'], pca=self.pca())

@@ -1,0 +1,214 @@
+"""tfl-export: the serving SavedModels, checked the ways a user and TF Serving load them."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_landmarks import data
+from tf_landmarks import export
+from tf_landmarks import records
+from tf_landmarks.local_features import delf as delf_features
+from tf_landmarks.local_features import index as index_lib
+from tf_landmarks.models import classifier  # pylint: disable=unused-import
+from tf_landmarks.models import heads  # pylint: disable=unused-import
+from helpers import REPO, trained_world
+
+SAVED_MODEL_CLI = REPO / '.venv' / 'bin' / 'saved_model_cli'
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp('export')
+  world = trained_world(root, backend='delf', num_test_images=8, classifier_epochs=1)
+  description = export.export(export.ExportConfig(run=world['classifier'], index=world['index'],
+                                                  output_dir=str(root / 'export')))
+  return {**world, 'export': str(root / 'export'), 'description': description}
+
+
+@pytest.fixture(scope='module')
+def serving(exported):
+  loaded = tf.saved_model.load(os.path.join(exported['export'], 'classifier', '1'))
+  return loaded, loaded.signatures['serving_default']
+
+
+def _train_jpegs(world, count=3):
+  folder = os.path.join(world['world'], 'images')
+  names = sorted(os.listdir(folder))[:count]
+  return [open(os.path.join(folder, name), 'rb').read() for name in names]
+
+
+def _encode(pixels, image_format, **options):
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format=image_format, **options)
+  return buffer.getvalue()
+
+
+def _claiming_size(jpeg, height, width):
+  """The JPEG with its frame header (SOF0) patched to declare another size: a decompression bomb
+  in a few kilobytes."""
+  frame = jpeg.index(b'\xff\xc0')
+  return (jpeg[:frame + 5] + height.to_bytes(2, 'big') + width.to_bytes(2, 'big') +
+          jpeg[frame + 9:])
+
+
+def test_export_folder_has_tf_serving_layout_and_describes_its_parts(exported):
+  folder = exported['export']
+  for part in ('classifier/1/saved_model.pb', 'classifier/1/assets.extra/label_map.csv',
+               'delf/1/saved_model.pb', 'index/index.json', 'export.json'):
+    assert os.path.exists(os.path.join(folder, part)), part
+  described = export.read_export(folder)
+  assert described == exported['description']
+  assert described['classifier']['signatures']['serving_default']['outputs'] == list(
+      export.OUTPUT_NAMES)
+  assert described['delf']['scales'] == [0.5, 1.0, 2.0]
+  assert described['index']['local_features'] == 'delf'
+
+
+def test_serving_default_returns_original_landmark_ids_as_the_keras_model_ranks_them(exported,
+                                                                                     serving):
+  _, serve = serving
+  jpegs = _train_jpegs(exported)
+  outputs = serve(images=tf.constant(jpegs))
+  assert set(outputs) == set(export.OUTPUT_NAMES)
+  landmark_ids = [row[1] for row in records.read_label_map(exported['records'])]
+  model = keras.saving.load_model(os.path.join(exported['classifier'], 'model.keras'))
+  for position, jpeg in enumerate(jpegs):
+    crop = data.eval_crop(tf.io.decode_jpeg(jpeg, channels=3), 64)[tf.newaxis]
+    probabilities = tf.nn.softmax(model(crop)).numpy()[0]
+    order = np.argsort(-probabilities)[:5]
+    np.testing.assert_array_equal(outputs['landmark_ids'][position].numpy(),
+                                  [landmark_ids[label] for label in order])
+    np.testing.assert_allclose(outputs['scores'][position].numpy(), probabilities[order],
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(outputs['embeddings'][position].numpy(), model.embed(crop)[0],
+                               rtol=1e-4, atol=1e-5)
+  assert [status.decode() for status in outputs['status'].numpy()] == ['ok'] * len(jpegs)
+
+
+def test_bad_items_get_a_status_and_no_prediction_without_failing_the_batch(exported, serving):
+  _, serve = serving
+  good = _train_jpegs(exported, 1)[0]
+  pixels = tf.io.decode_jpeg(good).numpy()
+  batch = {
+      'good': good,
+      'not an image': b'GIF89a' + b'\x00' * 64,
+      'text': b'hello, this is not an image at all',
+      'empty': b'',
+      'truncated JPEG': good[:len(good) // 2],
+      'PNG of the same pixels': _encode(pixels, 'PNG'),
+      '1x1 JPEG': _encode(np.zeros((1, 1, 3), np.uint8), 'JPEG'),
+      'JPEG claiming 60000x60000': _claiming_size(good, 60000, 60000),
+  }
+  outputs = serve(images=tf.constant(list(batch.values())))
+  statuses = dict(zip(batch, (status.decode() for status in outputs['status'].numpy())))
+  assert statuses == {
+      'good': 'ok', 'not an image': 'not a JPEG or PNG image',
+      'text': 'not a JPEG or PNG image', 'empty': 'empty',
+      'truncated JPEG': 'corrupt or truncated image', 'PNG of the same pixels': 'ok',
+      '1x1 JPEG': 'too small (1x1; the shorter side must be at least 32 px)',
+      'JPEG claiming 60000x60000': 'more than 100000000 pixels'}
+  alone = serve(images=tf.constant([good]))
+  for position, (name, status) in enumerate(statuses.items()):
+    ids = outputs['landmark_ids'][position].numpy()
+    if status == 'ok':
+      # Decoded from the same pixels: the same answer as the good image on its own.
+      np.testing.assert_array_equal(ids, alone['landmark_ids'][0].numpy(), err_msg=name)
+      np.testing.assert_allclose(outputs['scores'][position].numpy(), alone['scores'][0].numpy(),
+                                 atol=2e-3, err_msg=name)
+    else:
+      assert (ids == -1).all() and (outputs['scores'][position].numpy() == 0).all(), name
+  only_bad = serve(images=tf.constant([b'', b'junk']))
+  assert only_bad['landmark_ids'].shape == (2, 5) and (only_bad['landmark_ids'].numpy() == -1).all()
+
+
+def test_float_image_signature_matches_the_bytes_signature(exported, serving):
+  loaded, serve = serving
+  jpeg = _train_jpegs(exported, 1)[0]
+  pixels = tf.cast(tf.io.decode_jpeg(jpeg)[tf.newaxis], tf.float32)
+  from_floats = loaded.signatures['predict_images'](images=pixels)
+  from_bytes = serve(images=tf.constant([jpeg]))
+  np.testing.assert_array_equal(from_floats['landmark_ids'], from_bytes['landmark_ids'])
+  np.testing.assert_allclose(from_floats['scores'], from_bytes['scores'], atol=1e-5)
+
+
+def test_tf_serving_rest_body_becomes_the_signature_input(exported, serving):
+  _, serve = serving
+  jpegs = _train_jpegs(exported, 2)
+  body = json.loads(json.dumps(
+      {'instances': [{'b64': base64.b64encode(jpeg).decode()} for jpeg in jpegs]}))
+  inputs = export.rest_body_to_inputs(body, list(serve.structured_input_signature[1]))
+  assert inputs == {'images': jpegs}
+  outputs = serve(images=tf.constant(inputs['images']))
+  np.testing.assert_array_equal(outputs['landmark_ids'],
+                                serve(images=tf.constant(jpegs))['landmark_ids'])
+  named = {'instances': [{'images': {'b64': base64.b64encode(jpegs[0]).decode()}}]}
+  assert export.rest_body_to_inputs(named, ['images']) == {'images': jpegs[:1]}
+  for bad in ({}, {'instances': []}, {'instances': [{'b64': '***'}]}):
+    with pytest.raises(ValueError):
+      export.rest_body_to_inputs(bad, ['images'])
+
+
+def test_saved_model_cli_shows_and_runs_both_saved_models(exported, tmp_path):
+  """saved_model_cli run loads the TF1 way, as TF Serving's C++ loader does."""
+  classifier_dir = os.path.join(exported['export'], 'classifier', '1')
+  shown = subprocess.run([str(SAVED_MODEL_CLI), 'show', '--all', '--dir', classifier_dir],
+                         capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0, shown.stderr
+  assert "signature_def['serving_default']" in shown.stdout
+  assert "signature_def['predict_images']" in shown.stdout
+  queries = tmp_path / 'queries.npy'
+  np.save(queries, np.array([_train_jpegs(exported, 1)[0], b''], dtype=object), allow_pickle=True)
+  ran = subprocess.run([str(SAVED_MODEL_CLI), 'run', '--dir', classifier_dir, '--tag_set', 'serve',
+                        '--signature_def', 'serving_default', '--inputs', f'images={queries}'],
+                       capture_output=True, text=True, timeout=180)
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  assert "[b'ok' b'empty']" in ran.stdout
+  image, scales = tmp_path / 'image.npy', tmp_path / 'scales.npy'
+  np.save(image, tf.io.decode_jpeg(_train_jpegs(exported, 1)[0]).numpy())
+  np.save(scales, np.array([1.0], np.float32))
+  ran = subprocess.run([str(SAVED_MODEL_CLI), 'run', '--dir',
+                        os.path.join(exported['export'], 'delf', '1'), '--tag_set', 'serve',
+                        '--signature_def', 'serving_default', '--inputs',
+                        f'input_image={image};input_scales={scales}', '--input_exprs',
+                        'input_max_feature_num=50;input_abs_thres=0.0'],
+                       capture_output=True, text=True, timeout=180)
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  assert 'Result for output key features' in ran.stdout
+
+
+def test_exported_delf_extracts_what_the_index_was_built_with(exported):
+  opened = index_lib.Index(os.path.join(exported['export'], 'index'))
+  delf = exported['description']['delf']
+  from_export = delf_features.load_saved_model(
+      os.path.join(exported['export'], 'delf', '1'), scales=delf['scales'],
+      max_feature_num=delf['max_feature_num'], abs_threshold=delf['abs_threshold'])
+  in_process = opened.local_extractor()
+  image = tf.io.decode_jpeg(_train_jpegs(exported, 1)[0]).numpy()
+  a, b = from_export(image), in_process(image)
+  np.testing.assert_allclose(a.locations, b.locations, atol=1e-3)
+  np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-4)
+
+
+def test_refuses_a_full_folder_an_index_of_another_run_and_a_delf_run(exported, tmp_path):
+  with pytest.raises(export.ExportError, match='not empty'):
+    export.export(export.ExportConfig(run=exported['classifier'], index=exported['index'],
+                                      output_dir=exported['export']))
+  with pytest.raises(export.ExportError, match='DELF run'):
+    export.export(export.ExportConfig(run=exported['delf'], output_dir=str(tmp_path / 'a')))
+  with pytest.raises(export.ExportError, match='not the DELF model'):
+    export.export(export.ExportConfig(run=exported['classifier'], index=exported['index'],
+                                      delf_run=exported['classifier'],
+                                      output_dir=str(tmp_path / 'b')))
+  with pytest.raises(export.ExportError, match='no export.json|not a finished export'):
+    export.read_export(str(tmp_path))
+  alone = export.export(export.ExportConfig(run=exported['classifier'], index='none',
+                                            output_dir=str(tmp_path / 'alone')))
+  assert alone['index'] is None and alone['delf'] is None

@@ -1,0 +1,236 @@
+"""tfl-predict: two-stage recognition and retrieval, end to end on a small synthetic world."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tf_landmarks import export
+from tf_landmarks import predict
+from tf_landmarks import submission
+from tf_landmarks.local_features import index as index_lib
+from helpers import REPO, trained_world
+
+BIN = REPO / '.venv' / 'bin'
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp('predict')
+  built = trained_world(root, backend='sift')
+  export.export(export.ExportConfig(run=built['classifier'], index=built['index'],
+                                    output_dir=str(root / 'export')))
+  return {**built, 'root': root, 'export': str(root / 'export')}
+
+
+def _predict(world, output_dir, **overrides):
+  settings = dict(export=world['export'], output_dir=str(output_dir), first_stage='classifier',
+                  verify_top_k=5, progress=False)
+  settings.update(overrides)
+  return predict.predict(predict.PredictConfig(**settings))
+
+
+@pytest.fixture(scope='module')
+def predicted(world):
+  output_dir = world['root'] / 'predicted'
+  _predict(world, output_dir)
+  return output_dir
+
+
+def _rows(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def _scores(world, output_dir):
+  truth = submission.read_recognition_solution(
+      os.path.join(world['world'], 'recognition_solution.csv'))
+  return {name: submission.score_recognition(
+      submission.read_recognition_submission(os.path.join(output_dir, f'{name}.csv'), truth),
+      truth) for name in ('recognition', 'recognition_unverified')}
+
+
+def test_verified_score_ranks_every_verified_answer_above_every_unverified_one():
+  assert predict.verified_score(15, 0.5, 15) == pytest.approx(1 + 0.5 * 0.5 + 0.5 * 0.5)
+  assert predict.verified_score(45, 1.0, 15) == pytest.approx(1 + 0.5 * 0.75 + 0.5)
+  assert predict.verified_score(15, 0.0, 15) >= 1.0 > 0.999  # Unverified scores are at most 1.
+  assert predict.verified_score(30, 0.2, 15) > predict.verified_score(20, 0.2, 15)
+  assert predict.verified_score(20, 0.4, 15) > predict.verified_score(20, 0.2, 15)
+  assert predict.verified_score(1000, 1.0, 15) < 2.0
+
+
+def test_knn_votes_share_the_similarity_of_the_neighbours():
+  votes = predict.knn_votes(np.array([0.9, 0.6, 0.3, -0.2, 0.5]),
+                            np.array([7, 8, 7, 9, -1]))  # -1: an empty IVF slot.
+  assert votes == pytest.approx({7: 1.2 / 1.8, 8: 0.6 / 1.8})
+  assert predict.knn_votes(np.array([-0.5]), np.array([3])) == {}
+  assert predict.fuse({7: 0.8, 8: 0.2}, {8: 0.6, 9: 0.4}) == pytest.approx(
+      {7: 0.4, 8: 0.4, 9: 0.2})
+  assert predict.ranked({5: 0.4, 3: 0.4, 9: 0.2}) == [(3, 0.4), (5, 0.4), (9, 0.2)]
+
+
+def test_verification_raises_gap_and_writes_kaggle_submissions(world, predicted):
+  scores = _scores(world, predicted)
+  verified, unverified = scores['recognition'], scores['recognition_unverified']
+  assert verified['gap'] > unverified['gap'] + 0.1, scores
+  assert verified['accuracy_on_landmark_queries'] > unverified['accuracy_on_landmark_queries']
+  test_ids = [row['id'] for row in _rows(os.path.join(world['world'], 'test.csv'))]
+  for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
+    assert sorted(row['id'] for row in _rows(predicted / name)) == sorted(test_ids), name
+  opened = index_lib.Index(os.path.join(world['export'], 'index'))
+  indexed = {opened.image_id(row) for row in range(opened.num_images)}
+  for row in _rows(predicted / 'retrieval.csv'):
+    images = row['images'].split()
+    assert len(images) == min(100, opened.num_images) and set(images) <= indexed
+  entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
+  for entry in entries:
+    if entry['prediction'] is None:
+      continue
+    verified_answer = any(candidate['inliers'] >= 15 and
+                          candidate['landmark_id'] == entry['prediction'][0]
+                          for candidate in entry['candidates'])
+    assert (entry['prediction'][1] >= 1.0) == verified_answer
+    assert all(candidate['comparisons'] <= 20 for candidate in entry['candidates'])
+  meta = json.load(open(predicted / 'predict.json'))
+  assert meta['finished'] and meta['counts']['queries'] == len(test_ids)
+  log = open(predicted / 'predict.log').read().splitlines()
+  assert len(log) == len(test_ids) and all(' ms (classify ' in line for line in log)
+
+
+def test_retrieval_puts_verified_index_images_first(world, predicted):
+  entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
+  opened = index_lib.Index(os.path.join(world['export'], 'index'))
+  row_of = {opened.image_id(row): row for row in range(opened.num_images)}
+  checked = 0
+  for entry in entries:
+    verified_images = {candidate['index_image'] for candidate in entry['candidates']
+                       if candidate['inliers'] >= 15}
+    for image in verified_images:
+      # A verified index image is among the nearest 20 or moved there: it ranks before every
+      # image the re-ranking did not verify.
+      position = entry['retrieval'].index(image)
+      landmark = opened.landmark_of(row_of[image])
+      assert position < 20 or landmark != opened.landmark_of(row_of[entry['retrieval'][0]])
+      checked += 1
+  assert checked
+
+
+@pytest.mark.parametrize('first_stage', ['knn', 'both'])
+def test_knn_and_fused_first_stages_recognise_too(world, tmp_path, first_stage):
+  _predict(world, tmp_path, first_stage=first_stage)
+  scores = _scores(world, tmp_path)
+  assert scores['recognition']['gap'] > scores['recognition_unverified']['gap'], scores
+
+
+def test_queries_from_a_csv_and_folder_match_the_test_shards_and_bad_images_are_rows(
+    world, predicted, tmp_path):
+  images = tmp_path / 'images'
+  shutil.copytree(os.path.join(world['world'], 'images'), images)
+  (images / 'badbad0000000001.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is no JPEG')
+  Image.new('RGB', (8, 8)).save(images / 'tinytiny00000002.jpg')
+  test_csv = tmp_path / 'test.csv'
+  rows = _rows(os.path.join(world['world'], 'test.csv'))
+  with open(test_csv, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['id', 'url'])
+    for image_id in [row['id'] for row in rows] + ['badbad0000000001', 'tinytiny00000002',
+                                                   'missing000000003']:
+      writer.writerow([image_id, ''])
+  output_dir = tmp_path / 'from_csv'
+  result = _predict(world, output_dir, test_csv=str(test_csv), image_dir=str(images))
+  assert result['counts']['unusable'] == 3
+  from_csv = {row['id']: row['landmarks'] for row in _rows(output_dir / 'recognition.csv')}
+  from_shards = {row['id']: row['landmarks'] for row in _rows(predicted / 'recognition.csv')}
+  assert {key: from_csv[key] for key in from_shards} == from_shards
+  assert from_csv['badbad0000000001'] == from_csv['missing000000003'] == ''
+  statuses = {entry['id']: entry['status'] for entry in
+              map(json.loads, open(output_dir / 'predictions.jsonl'))}
+  assert statuses['missing000000003'] == 'missing image file'
+  assert 'too small' in statuses['tinytiny00000002']
+  assert statuses['badbad0000000001'] != 'ok'
+
+
+def test_a_rerun_continues_an_interrupted_journal_and_gives_the_same_files(world, predicted,
+                                                                           tmp_path):
+  output_dir = tmp_path / 'resumed'
+  shutil.copytree(predicted, output_dir)
+  lines = open(predicted / 'predictions.jsonl', 'rb').read().splitlines(keepends=True)
+  # Five whole lines, then half a line: a process killed while writing.
+  (output_dir / 'predictions.jsonl').write_bytes(b''.join(lines[:5]) + lines[5][:20])
+  for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
+    (output_dir / name).unlink()
+  _predict(world, output_dir)
+  for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
+    assert (output_dir / name).read_bytes() == (predicted / name).read_bytes(), name
+  assert len((output_dir / 'predictions.jsonl').read_bytes().splitlines()) == len(lines)
+
+
+def test_other_settings_need_overwrite(world, predicted, tmp_path):
+  output_dir = tmp_path / 'changed'
+  shutil.copytree(predicted, output_dir)
+  with pytest.raises(predict.PredictError, match='--overwrite'):
+    _predict(world, output_dir, min_inliers=30)
+  _predict(world, output_dir, min_inliers=30, overwrite=True)
+  assert json.load(open(output_dir / 'predict.json'))['settings']['min_inliers'] == 30
+
+
+def test_ctrl_c_ends_with_one_line_and_the_same_command_finishes(world, predicted, tmp_path):
+  output_dir = tmp_path / 'interrupted'
+  command = [str(BIN / 'tfl-predict'), f'--export={world["export"]}',
+             f'--output_dir={output_dir}', '--first_stage=classifier', '--verify_top_k=5',
+             '--batch_size=1', '--noprogress']
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  journal = output_dir / 'predictions.jsonl'
+  deadline = time.time() + 120
+  while time.time() < deadline and not (journal.exists() and journal.read_bytes().count(b'\n')):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr
+  assert stderr.strip().splitlines()[-1].startswith('tfl-predict: interrupted')
+  assert 'Traceback' not in stderr
+  done = journal.read_bytes().count(b'\n')
+  assert done < 16  # Stopped part-way.
+  finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 0, finished.stderr
+  assert f'resuming: {done} of 16' in finished.stdout
+  for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
+    assert (output_dir / name).read_bytes() == (predicted / name).read_bytes(), name
+
+
+def test_user_mistakes_are_one_line_errors(world, tmp_path):
+  def run(*flags):
+    return subprocess.run([str(BIN / 'tfl-predict'), *flags], capture_output=True, text=True,
+                          timeout=120)
+  cases = [
+      ((f'--export={tmp_path}', f'--output_dir={tmp_path / "o"}'), 'not a finished export'),
+      ((f'--export={world["export"]}', f'--output_dir={tmp_path / "o"}',
+        f'--test_csv={tmp_path / "none.csv"}', f'--image_dir={tmp_path}'), 'none.csv'),
+      ((f'--export={world["export"]}', f'--output_dir={tmp_path / "o"}',
+        f'--test_csv={tmp_path / "none.csv"}'), '--image_dir'),
+  ]
+  for flags, expected in cases:
+    result = run(*flags)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, \
+        result.stderr
+
+
+def test_draw_match_pictures_a_query_against_its_verified_index_image(world, predicted, tmp_path):
+  entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
+  entry = next(entry for entry in entries if entry['prediction'] and entry['prediction'][1] >= 1)
+  png = tmp_path / 'match.png'
+  caption = predict.draw_match(str(predicted), entry['id'], entry['prediction'][0], str(png))
+  assert caption and 'inliers' in caption
+  with Image.open(png) as picture:
+    assert picture.width > picture.height > 64
+  assert predict.draw_match(str(predicted), 'nosuchquery00000', 1, str(tmp_path / 'x.png')) is None

@@ -1,0 +1,453 @@
+"""SavedModels for serving: the classifier (encoded bytes in, landmark ids out), DELF, the index.
+
+`export(ExportConfig)` writes, into `--output_dir`:
+
+  classifier/1/          TF Serving's layout (model base path `classifier`, version 1). Signatures:
+    serving_default      images: tf.string [B], encoded JPEG or PNG bytes (TF Serving's REST API
+                         takes them as {"b64": …}) → landmark_ids int64 [B, k] (the ORIGINAL
+                         landmark ids, best first), scores float32 [B, k] (softmax
+                         probabilities), embeddings float32 [B, E] (the L2-normalised global
+                         descriptor the index searches with) and status tf.string [B]: "ok", or why
+                         the item got no prediction (landmark_ids -1, scores 0, embeddings 0).
+    predict_images       images: float32 [B, H, W, 3] RGB in [0, 255], any size → the same
+                         outputs but status.
+                         The preprocessing (long side capped as the records build did, the
+                         evaluation crop, the backbone's normalisation) and the label map are in
+                         the graph: the model needs nothing else. assets.extra/label_map.csv is a
+                         copy for people.
+  delf/1/                with a DELF index: the DELF extraction SavedModel (DELF's signature names,
+                         `local_features.delf.export_saved_model`) with the index's PCA in its graph.
+  index/                 a copy of the index (`tfl-build-index`): global descriptors and local
+                         features of the index images.
+  export.json            written LAST (the mark of a finished export): what each part is, the runs
+                         and checksums they came from, the signatures, and the extraction settings
+                         queries need to match the index.
+
+Bad items never fail a batch: every item is checked before decoding (empty, over
+`max_image_bytes`, not JPEG/PNG by its magic bytes, more than `max_image_pixels` by its header),
+decoding runs in a `tf.data` pipeline whose errors are dropped (`ignore_errors`), so a truncated or
+corrupt image simply does not come out of it, and images whose shorter side is below the records
+build's `min_image_side` (a 1×1 image) are refused after decoding. Each refused item gets its
+reason in `status`.
+"""
+
+import dataclasses
+import datetime
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_landmarks import csv_io
+from tf_landmarks import data
+from tf_landmarks import errors
+from tf_landmarks import files
+from tf_landmarks import images as images_lib
+from tf_landmarks import records as records_lib
+from tf_landmarks import train
+from tf_landmarks.local_features import delf as delf_features
+from tf_landmarks.local_features import index as index_lib
+from tf_landmarks.models import classifier as classifier_lib
+from tf_landmarks.models import delf as delf_model
+from tf_landmarks.settings import setting
+
+FORMAT = 'tf-landmarks export v1'
+EXPORT_JSON = 'export.json'
+CLASSIFIER_DIR = 'classifier'
+DELF_DIR = 'delf'
+INDEX_DIR = 'index'
+VERSION = '1'
+SERVING_SIGNATURE = 'serving_default'
+IMAGES_SIGNATURE = 'predict_images'
+BYTES_INPUT = 'images'
+OUTPUT_NAMES = ('landmark_ids', 'scores', 'embeddings', 'status')
+OK = 'ok'
+# Decoding codes of the tf.data pipeline; an item that fails to decode does not come out at all.
+_DECODED, _TOO_SMALL, _TOO_MANY_PIXELS = 0, 1, 2
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+class ExportError(errors.UserError):
+  """The export cannot be made as asked; the message says what to change."""
+
+
+@dataclasses.dataclass
+class ExportConfig:
+  """Everything `export` needs; `tfl-export` defines one flag per field."""
+  run: Optional[str] = setting(
+      None, 'The classifier run (tfl-train) to serve: its model.keras, label map and image size.',
+      required=True)
+  output_dir: Optional[str] = setting(
+      None, 'The export folder, e.g. exports/<name>: classifier/1/, delf/1/, index/, export.json.',
+      required=True)
+  index: Optional[str] = setting(
+      None, 'The index (tfl-build-index) of --run to ship beside the classifier; default '
+      '<run>/index if it exists. "none" exports the classifier alone.')
+  delf_run: Optional[str] = setting(
+      None, 'The DELF run to export (tfl-train --mode=delf); default: the one the index was built '
+      'with. It must be that one: the index\'s features come from it.')
+  top_k: int = setting(5, 'Landmarks returned per image, best first.', lower=1)
+  max_image_bytes: int = setting(
+      images_lib.MAX_FILE_BYTES, 'Encoded images longer than this many bytes are refused.',
+      lower=1)
+  max_image_pixels: int = setting(
+      100_000_000, 'Images with more pixels than this (read from the JPEG/PNG header, before '
+      'decoding) are refused: a small file can declare a huge image.', lower=1)
+  overwrite: bool = setting(False, 'Replace an export already in --output_dir.', runtime=True)
+
+
+# --- The classifier SavedModel ---------------------------------------------------------------
+
+
+def tracked_variables(model) -> List[tf.Variable]:
+  """The TensorFlow variables under a Keras 3 model, for a tf.Module to track.
+
+  Keras 3 wraps each tf.Variable in a keras.Variable; a tf.Module that only holds the model saves
+  a SavedModel that tf.saved_model.load runs, but that TF1-style loaders (TF Serving,
+  saved_model_cli run, the C++ and Java APIs) cannot: "Could not find variable …" (keras-team/keras
+  #20095). Tracking the underlying variables as well makes the variables restorable there.
+  """
+  return [variable.value for variable in model.variables]
+
+
+class _ClassifierModule(tf.Module):
+  """The serving graph of a `LandmarkClassifier`: decoding, checks, crop, model, label map."""
+
+  def __init__(self, model: classifier_lib.LandmarkClassifier, landmark_ids: Sequence[int], *,
+               image_size: int, max_image_side: int, min_image_side: int, top_k: int,
+               max_image_bytes: int, max_image_pixels: int):
+    super().__init__(name='landmark_classifier')
+    self.model = model
+    self.model_variables = tracked_variables(model)
+    self.landmark_ids = tf.constant(np.asarray(landmark_ids, np.int64))
+    self._image_size = int(image_size)
+    self._max_image_side = int(max_image_side)
+    self._min_image_side = int(min_image_side)
+    self._top_k = min(int(top_k), len(landmark_ids))
+    self._max_image_bytes = int(max_image_bytes)
+    self._max_image_pixels = int(max_image_pixels)
+
+  def _outputs(self, crops: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """landmark_ids, scores and embeddings of uint8 evaluation crops [N, S, S, 3]."""
+    features = self.model.features(crops, training=False)
+    logits = tf.cast(self.model.head(features, training=False), tf.float32)
+    scores, labels = tf.math.top_k(tf.nn.softmax(logits), k=self._top_k)
+    embeddings = tf.cast(self.model.head.embed(features), tf.float32)
+    return {'landmark_ids': tf.gather(self.landmark_ids, labels), 'scores': scores,
+            'embeddings': embeddings}
+
+  def _cap_long_side(self, image: tf.Tensor) -> tf.Tensor:
+    """Shrinks (area filter) so that the long side is at most the records build's, as ingest did."""
+    if not self._max_image_side:
+      return image
+    size = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.minimum(1.0, self._max_image_side / tf.reduce_max(size))
+    target = tf.cast(tf.maximum(tf.round(size * scale), 1.0), tf.int32)
+    return tf.cond(scale < 1.0,
+                   lambda: tf.cast(tf.image.resize(image, target, method='area') + 0.5, tf.uint8),
+                   lambda: image)
+
+  def _header_pixels(self, encoded: tf.Tensor) -> tf.Tensor:
+    """Pixels the JPEG or PNG header declares (int64), read without decoding."""
+    is_png = tf.strings.substr(encoded, 0, 8) == _PNG_MAGIC
+
+    def png_pixels():
+      # IHDR: width and height as big-endian uint32 at bytes 16..23.
+      header = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8)
+      values = tf.cast(header, tf.int64)
+      width = values[0] * 2**24 + values[1] * 2**16 + values[2] * 2**8 + values[3]
+      height = values[4] * 2**24 + values[5] * 2**16 + values[6] * 2**8 + values[7]
+      return width * height
+
+    def jpeg_pixels():
+      shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
+      return shape[0] * shape[1]
+
+    return tf.cond(is_png, png_pixels, jpeg_pixels)
+
+  def _decode(self, position: tf.Tensor, encoded: tf.Tensor):
+    """(position, crop, code, height, width) of one checked item; a failure raises (and is
+    dropped by the pipeline)."""
+    pixels = self._header_pixels(encoded)
+    empty = (tf.zeros([self._image_size, self._image_size, 3], tf.uint8),
+             tf.zeros([2], tf.int32))
+
+    def decode():
+      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+      size = tf.shape(image)[:2]
+      return tf.cond(
+          tf.reduce_min(size) < self._min_image_side,
+          lambda: (empty[0], size, _TOO_SMALL),
+          lambda: (data.eval_crop(self._cap_long_side(image), self._image_size), size, _DECODED))
+
+    crop, size, code = tf.cond(pixels > self._max_image_pixels,
+                               lambda: (empty[0], tf.zeros([2], tf.int32), _TOO_MANY_PIXELS),
+                               decode)
+    return position, crop, code, size
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+  def serve_bytes(self, images):
+    """Landmarks of a batch of encoded images; see the module docstring."""
+    count = tf.shape(images)[0]
+    lengths = tf.strings.length(images)
+    magic = tf.strings.substr(images, 0, 8)
+    known_format = tf.logical_or(tf.strings.substr(magic, 0, 3) == _JPEG_MAGIC,
+                                 magic == _PNG_MAGIC)
+    checked = (lengths > 0) & (lengths <= self._max_image_bytes) & known_format
+    positions = tf.boolean_mask(tf.range(count), checked)
+    decoded = tf.data.Dataset.from_tensor_slices(
+        (positions, tf.boolean_mask(images, checked))).map(self._decode).ignore_errors()
+    crops = tf.zeros([count, self._image_size, self._image_size, 3], tf.uint8)
+    codes = tf.fill([count], -1)  # -1: did not come out of the pipeline (corrupt or truncated).
+    sizes = tf.zeros([count, 2], tf.int32)
+    for position, crop, code, size in decoded:
+      crops = tf.tensor_scatter_nd_update(crops, [[position]], crop[tf.newaxis])
+      codes = tf.tensor_scatter_nd_update(codes, [[position]], [code])
+      sizes = tf.tensor_scatter_nd_update(sizes, [[position]], size[tf.newaxis])
+    usable = codes == _DECODED
+    usable_crops = tf.boolean_mask(crops, usable)
+    count_usable = tf.shape(usable_crops)[0]
+    # Convolutions on an empty batch fail on CPU (oneDNN); a batch of only bad items runs one
+    # blank crop instead, whose outputs are dropped.
+    blank = tf.zeros([1, self._image_size, self._image_size, 3], tf.uint8)
+    outputs = self._outputs(tf.cond(count_usable > 0, lambda: usable_crops, lambda: blank))
+    outputs = {name: value[:count_usable] for name, value in outputs.items()}
+    rows = tf.where(usable)
+    fills = {'landmark_ids': tf.constant(-1, tf.int64), 'scores': tf.constant(0.0),
+             'embeddings': tf.constant(0.0)}
+    result = {}
+    for name, value in outputs.items():
+      shape = tf.concat([[count], tf.shape(value)[1:]], axis=0)
+      result[name] = tf.tensor_scatter_nd_update(tf.fill(shape, fills[name]), rows, value)
+    size_text = tf.strings.as_string(sizes[:, 0]) + 'x' + tf.strings.as_string(sizes[:, 1])
+    status = tf.fill([count], 'corrupt or truncated image')
+    status = tf.where(codes == _TOO_MANY_PIXELS,
+                      f'more than {self._max_image_pixels} pixels', status)
+    status = tf.where(codes == _TOO_SMALL,
+                      'too small (' + size_text + f'; the shorter side must be at least '
+                      f'{self._min_image_side} px)', status)
+    status = tf.where(~known_format, 'not a JPEG or PNG image', status)
+    status = tf.where(lengths > self._max_image_bytes,
+                      f'more than {self._max_image_bytes} bytes', status)
+    status = tf.where(lengths == 0, 'empty', status)
+    result['status'] = tf.where(usable, OK, status)
+    return result
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
+                                              name=BYTES_INPUT)])
+  def serve_images(self, images):
+    """Landmarks of a batch of float RGB images in [0, 255] (any size, cropped here)."""
+    pixels = tf.clip_by_value(images, 0.0, 255.0)
+    return self._outputs(data.eval_crop(pixels, self._image_size))
+
+
+def save_classifier(model: classifier_lib.LandmarkClassifier, landmark_ids: Sequence[int],
+                    path: str, *, image_size: int, max_image_side: int, min_image_side: int,
+                    top_k: int, max_image_bytes: int = images_lib.MAX_FILE_BYTES,
+                    max_image_pixels: int = 100_000_000) -> None:
+  """Saves the classifier's serving SavedModel (signatures in the module docstring) at `path`.
+
+  Args:
+    model: the trained classifier.
+    landmark_ids: the original landmark id of each label 0..C-1 (the records' label map).
+    path: the SavedModel folder (a TF Serving version folder, e.g. classifier/1).
+    image_size: the crop the model was trained and validated on.
+    max_image_side: the long-side cap of the records build (0: none).
+    min_image_side: images with a shorter side below this get no prediction.
+    top_k: landmarks returned per image.
+    max_image_bytes: longer encoded images are refused.
+    max_image_pixels: images declaring more pixels are refused before decoding.
+  """
+  module = _ClassifierModule(model, landmark_ids, image_size=image_size,
+                             max_image_side=max_image_side, min_image_side=min_image_side,
+                             top_k=top_k, max_image_bytes=max_image_bytes,
+                             max_image_pixels=max_image_pixels)
+  tf.saved_model.save(module, path, signatures={
+      SERVING_SIGNATURE: module.serve_bytes.get_concrete_function(),
+      IMAGES_SIGNATURE: module.serve_images.get_concrete_function()})
+
+
+# --- TF Serving's REST format ----------------------------------------------------------------
+
+
+def rest_body_to_inputs(body: Mapping[str, Any], input_names: Sequence[str]) -> Dict[str, Any]:
+  """The signature inputs TF Serving makes of a REST `predict` body in the row ("instances") format.
+
+  As TF Serving does: with a single input, each instance is that input's value; with several,
+  each instance is an object of input name → value. A value `{"b64": "<base64>"}` is decoded to
+  bytes. Instances are stacked into one batch per input.
+
+  Args:
+    body: the parsed JSON body, e.g. {"instances": [{"b64": "..."}, ...]}.
+    input_names: the signature's input names.
+
+  Returns:
+    Input name → list of values (bytes for b64 values), one per instance.
+
+  Raises:
+    ValueError: a body TF Serving would refuse (no instances, an instance missing an input, bad
+      base64).
+  """
+  import base64  # pylint: disable=g-import-not-at-top
+  import binascii  # pylint: disable=g-import-not-at-top
+
+  instances = body.get('instances') if isinstance(body, Mapping) else None
+  if not isinstance(instances, list) or not instances:
+    raise ValueError('the body needs a non-empty "instances" list')
+
+  def value(item):
+    if isinstance(item, Mapping) and set(item) == {'b64'}:
+      try:
+        return base64.b64decode(item['b64'], validate=True)
+      except (binascii.Error, TypeError):
+        raise ValueError('a "b64" value is not valid base64') from None
+    return item
+
+  inputs: Dict[str, List[Any]] = {name: [] for name in input_names}
+  for instance in instances:
+    if len(input_names) == 1 and not (isinstance(instance, Mapping) and
+                                      set(instance) == set(input_names)):
+      inputs[input_names[0]].append(value(instance))
+      continue
+    if not isinstance(instance, Mapping) or set(instance) != set(input_names):
+      raise ValueError(f'each instance must name the inputs {", ".join(input_names)}')
+    for name in input_names:
+      inputs[name].append(value(instance[name]))
+  return inputs
+
+
+# --- The whole export ------------------------------------------------------------------------
+
+
+def _copy_tree(source: str, target: str) -> None:
+  """Copies a folder recursively with tf.io.gfile (local or gs://)."""
+  for folder, _, names in tf.io.gfile.walk(source):
+    relative = folder[len(source):].lstrip('/')
+    destination = files.join(target, relative) if relative else target
+    tf.io.gfile.makedirs(destination)
+    for name in names:
+      tf.io.gfile.copy(files.join(folder, name), files.join(destination, name), overwrite=True)
+
+
+def _resolve_index(config: ExportConfig) -> Optional[index_lib.Index]:
+  if config.index == 'none':
+    return None
+  path = config.index or files.join(config.run, 'index')
+  if not config.index and not tf.io.gfile.exists(files.join(path, index_lib.INDEX_JSON)):
+    return None
+  opened = index_lib.Index(path)
+  expected = opened.metadata.get('run_model_sha256')
+  if expected != csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE)):
+    raise ExportError(f'the index {path} was built from another model than '
+                      f'{config.run}/model.keras (its global descriptors would not match); '
+                      f'rebuild it with tfl-build-index --run={config.run}')
+  return opened
+
+
+def export(config: ExportConfig) -> dict:
+  """Writes the export described in the module docstring.
+
+  Returns:
+    The export description, also written to `<output_dir>/export.json`.
+
+  Raises:
+    ExportError, index.LandmarkIndexError, records.RecordsError: unusable runs, index or output
+      folder, with a message for the user.
+  """
+  if not config.run or not config.output_dir:
+    raise ExportError('give --run=<classifier run> and --output_dir=<export folder>')
+  run = index_lib.read_run(config.run, 'run')
+  if run['mode'] == train.Mode.DELF.value:
+    raise ExportError(f'--run={config.run} is a DELF run; --run takes a classifier run, '
+                      '--delf_run the DELF one')
+  model = index_lib.load_model(config.run, 'run', classifier_lib.LandmarkClassifier)
+  label_map = records_lib.read_label_map(config.run)
+  if len(label_map) != run['num_classes']:
+    raise ExportError(f'{config.run}/{records_lib.LABEL_MAP} lists {len(label_map)} classes, the '
+                      f'run was trained on {run["num_classes"]}; train the run again')
+  build = records_lib.load_manifest(run['records_dir']).get('config', {})
+  opened_index = _resolve_index(config)
+  backend = opened_index.metadata['local']['backend'] if opened_index else None
+  delf_run = config.delf_run
+  if backend == 'delf':
+    delf_run = delf_run or opened_index.metadata['delf_run']
+    if csv_io.file_sha256(files.join(delf_run, index_lib.MODEL_FILE)) != \
+        opened_index.metadata.get('delf_model_sha256'):
+      raise ExportError(f'--delf_run={delf_run} is not the DELF model the index was built with '
+                        f'({opened_index.metadata["delf_run"]}); its features would not match')
+  elif delf_run:
+    raise ExportError('--delf_run needs an index with DELF features (tfl-build-index '
+                      '--local_features=delf); this export has ' +
+                      (f'a {backend} index' if backend else 'no index'))
+
+  output_dir = config.output_dir
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise ExportError(f'--output_dir={output_dir} is a file, not a folder')
+  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
+    if not config.overwrite:
+      raise ExportError(f'--output_dir={output_dir} is not empty; choose another folder or pass '
+                        '--overwrite')
+    tf.io.gfile.rmtree(output_dir)
+  tf.io.gfile.makedirs(output_dir)
+
+  classifier_path = files.join(output_dir, CLASSIFIER_DIR, VERSION)
+  landmark_ids = [landmark_id for _, landmark_id, _ in label_map]
+  max_image_side = int(build.get('max_image_size') or 0)
+  min_image_side = int(build.get('min_image_side') or images_lib.MIN_IMAGE_SIDE)
+  save_classifier(model, landmark_ids, classifier_path, image_size=run['image_size'],
+                  max_image_side=max_image_side, min_image_side=min_image_side,
+                  top_k=config.top_k, max_image_bytes=config.max_image_bytes,
+                  max_image_pixels=config.max_image_pixels)
+  tf.io.gfile.makedirs(files.join(classifier_path, 'assets.extra'))
+  tf.io.gfile.copy(files.join(config.run, records_lib.LABEL_MAP),
+                   files.join(classifier_path, 'assets.extra', records_lib.LABEL_MAP))
+  description = {
+      'format': FORMAT,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'classifier': {
+          'path': f'{CLASSIFIER_DIR}/{VERSION}', 'run': config.run,
+          'run_model_sha256': csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE)),
+          'backbone': run['backbone'], 'head': run.get('head'), 'image_size': run['image_size'],
+          'num_classes': run['num_classes'], 'top_k': min(config.top_k, run['num_classes']),
+          'signatures': {
+              SERVING_SIGNATURE: {'inputs': {BYTES_INPUT: 'string [B] (encoded JPEG/PNG)'},
+                                  'outputs': list(OUTPUT_NAMES)},
+              IMAGES_SIGNATURE: {'inputs': {BYTES_INPUT: 'float32 [B, H, W, 3] in [0, 255]'},
+                                 'outputs': list(OUTPUT_NAMES[:3])}},
+          'max_image_side': max_image_side, 'min_image_side': min_image_side,
+          'max_image_bytes': config.max_image_bytes, 'max_image_pixels': config.max_image_pixels,
+      },
+      'records_dir': run['records_dir'],
+      'delf': None, 'index': None,
+  }
+  if opened_index is not None:
+    local = opened_index.metadata['local']
+    if backend == 'delf':
+      delf = index_lib.load_model(delf_run, 'delf_run', delf_model.DelfModel)
+      delf_features.export_saved_model(delf, files.join(output_dir, DELF_DIR, VERSION),
+                                       pca=opened_index.pca())
+      description['delf'] = {
+          'path': f'{DELF_DIR}/{VERSION}', 'run': delf_run,
+          'delf_model_sha256': opened_index.metadata['delf_model_sha256'],
+          'scales': local['delf_scales'], 'max_feature_num': local['max_features'],
+          'abs_threshold': local['delf_abs_threshold'], 'pca': bool(local['pca']),
+          'inputs': list(delf_features.INPUT_NAMES), 'outputs': list(delf_features.OUTPUT_NAMES)}
+    _copy_tree(opened_index.path, files.join(output_dir, INDEX_DIR))
+    counts = opened_index.metadata['counts']
+    description['index'] = {'path': INDEX_DIR, 'source': opened_index.path,
+                            'local_features': backend, 'images': counts['images'],
+                            'landmarks': counts['landmarks'],
+                            'global_dim': opened_index.metadata['global']['dim']}
+  files.write_atomically(files.join(output_dir, EXPORT_JSON), json.dumps(description, indent=1))
+  return description
+
+
+def read_export(path: str) -> dict:
+  """export.json of a finished export, checked; raises ExportError."""
+  if not tf.io.gfile.exists(files.join(path, EXPORT_JSON)):
+    raise ExportError(f'{path} is not a finished export (no {EXPORT_JSON}); make one with '
+                      'tfl-export')
+  return files.read_versioned_json(files.join(path, EXPORT_JSON), FORMAT, 'an export',
+                                   'export it again with tfl-export', ExportError)

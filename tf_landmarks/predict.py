@@ -1,0 +1,665 @@
+"""Two-stage prediction: classify (or vote over neighbours), then verify with local features.
+
+`predict(PredictConfig)` reads the queries (a test CSV + image folder, or the test shards of a
+records folder), runs them through an export (`tfl-export`), and writes into `--output_dir`:
+
+  predictions.jsonl      one JSON object per query, appended as each finishes (the journal a re-run
+                         continues from; see `Journal`): {"id", "status" ("ok" or why the image
+                         could not be used), "prediction" [landmark_id, score] or null,
+                         "unverified" [landmark_id, score] or null (the first stage's answer),
+                         "candidates" [{"landmark_id", "first_stage", "inliers", "index_image",
+                         "comparisons"}] (the classes verified, in first-stage order),
+                         "retrieval" [index image ids], "seconds", "timing" {stage: seconds}}.
+  recognition.csv        the Kaggle recognition submission (id,landmarks "<landmark_id> <score>").
+  recognition_unverified.csv   the same queries answered by the first stage alone, for comparison.
+  retrieval.csv          the Kaggle retrieval submission (id,images: up to 100 index image ids).
+  predict.log            one line per query: its answer and where its time went.
+  predict.json           the export, queries and settings; "finished" once the CSVs are written.
+
+Recognition. The first stage proposes landmarks: `classifier` (the export's softmax), `knn` (the
+query's nearest index images by global descriptor vote for their landmarks, weighted by
+similarity: a landmark with a single index image is as reachable as a large one) or `both` (the
+mean of the two, per landmark). The `--verify_top_k` best proposals are verified: the query's local
+features are matched (nearest neighbours, ratio test, mutual check) against up to
+`--max_verifications` index images of each landmark, nearest first by global descriptor, and an
+affine RANSAC counts the inliers; a landmark stops being checked once one of its images reaches
+`--min_inliers`. The answer is the verified landmark with the most inliers, scored in [1, 2)
+(`verified_score`), so every verified answer ranks above every unverified one. Without a verified
+landmark the first stage's best is kept with a score of `--unverified_weight` × its confidence
+(at most 0.1 by default): queries without a landmark, or with a landmark the index does not hold,
+rarely verify, so their answers sink to the bottom of GAP's ranking, where they cost least.
+
+Retrieval. The query's `--retrieval_depth` nearest index images by global descriptor, the first
+`--rerank` of them verified (reusing recognition's verifications): those with at least
+`--min_inliers` inliers move to the front, most inliers first.
+
+Query images are prepared as the records build prepared the index images (long side capped at the
+build's `max_image_size`, JPEG-encoded), so local features of both live at the same scale.
+"""
+
+import collections
+import dataclasses
+import datetime
+import json
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from tf_landmarks import csv_io
+from tf_landmarks import errors
+from tf_landmarks import export as export_lib
+from tf_landmarks import files
+from tf_landmarks import images as images_lib
+from tf_landmarks import ingest
+from tf_landmarks import records as records_lib
+from tf_landmarks import schema
+from tf_landmarks import settings
+from tf_landmarks import submission
+from tf_landmarks.local_features import LocalFeatures
+from tf_landmarks.local_features import delf as delf_features
+from tf_landmarks.local_features import draw
+from tf_landmarks.local_features import evaluate as pair_evaluation
+from tf_landmarks.local_features import index as index_lib
+from tf_landmarks.local_features import sift
+from tf_landmarks.settings import setting
+
+FORMAT = 'tf-landmarks predictions v1'
+PREDICT_JSON = 'predict.json'
+JOURNAL = 'predictions.jsonl'
+RECOGNITION_CSV = 'recognition.csv'
+UNVERIFIED_CSV = 'recognition_unverified.csv'
+RETRIEVAL_CSV = 'retrieval.csv'
+LOG = 'predict.log'
+FIRST_STAGES = ('classifier', 'knn', 'both')
+
+
+class PredictError(errors.UserError):
+  """Prediction cannot run as asked; the message says what to change."""
+
+
+@dataclasses.dataclass
+class PredictConfig:
+  """Everything `predict` needs; `tfl-predict` defines one flag per field."""
+  export: Optional[str] = setting(
+      None, 'The export (tfl-export): classifier SavedModel, index and local-feature extractor.',
+      required=True)
+  output_dir: Optional[str] = setting(
+      None, 'Where the submissions, predictions.jsonl, predict.log and predict.json go.',
+      required=True, runtime=True)
+  test_csv: Optional[str] = setting(
+      None, 'Queries: a Kaggle test CSV (id[,url]) whose images are in --image_dir. Without it, '
+      'the test split of --test_records is read.')
+  image_dir: Optional[str] = setting(
+      None, 'Folder of the --test_csv images (<id>.jpg, or DELF\'s nested a/b/c/<id>.jpg).')
+  test_records: Optional[str] = setting(
+      None, 'A records folder (tfl-build-records --test_csv) whose test split holds the queries; '
+      'default: the export\'s records folder.')
+  first_stage: str = setting(
+      'both', 'Which landmarks are proposed for verification: classifier (softmax top-k), knn '
+      '(votes of the nearest index images by global descriptor) or both (their mean).',
+      choices=FIRST_STAGES)
+  verify_top_k: int = setting(
+      3, 'Proposed landmarks verified per query (the number of landmarks in the index reaches '
+      'them all: then verification alone recognises).', lower=0)
+  max_verifications: int = setting(
+      20, 'Index images compared per verified landmark, nearest first by global descriptor.',
+      lower=1)
+  min_inliers: int = setting(
+      15, 'RANSAC inliers that verify a pair; a landmark stops being checked at the first image '
+      'that reaches it.', lower=3)
+  knn_k: int = setting(20, 'Nearest index images that vote in the knn first stage.', lower=1)
+  unverified_weight: float = setting(
+      0.1, 'Score of an unverified answer: this times its first-stage confidence (0: such '
+      'queries get no prediction).', lower=0.0, upper=1.0)
+  ratio: float = setting(0.8, "Lowe's ratio test of putative matches (1: off).", lower=0.01,
+                         upper=1.0)
+  mutual: bool = setting(True, 'Keep only mutual nearest-neighbour matches.')
+  residual_threshold: float = setting(10.0, 'RANSAC inlier distance, pixels of the stored image.',
+                                      lower=0.01)
+  retrieval_depth: int = setting(100, 'Index images listed per query in retrieval.csv (Kaggle '
+                                 'scores 100).', lower=1, upper=submission.RETRIEVAL_DEPTH)
+  rerank: int = setting(20, 'Of those, the nearest this many are verified and re-ranked by '
+                        'inliers (0: global descriptors only).', lower=0)
+  batch_size: int = setting(32, 'Queries classified per batch.', lower=1, runtime=True)
+  overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
+                            'with other settings.', runtime=True)
+  progress: bool = setting(True, 'Show a progress bar.', runtime=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """One query: its id and its prepared JPEG, or why it has none."""
+  image_id: str
+  jpeg: Optional[bytes]
+  status: str = 'ok'
+
+
+def verified_score(inliers: int, first_stage: float, min_inliers: int) -> float:
+  """The score of a verified answer, in [1, 2): above every unverified one (at most 1).
+
+  Half of it grows with the inliers (saturating: inliers / (inliers + min_inliers), at least 1/2
+  for a verified pair), half with the first stage's confidence, so among verified answers the
+  better supported rank first.
+
+  Args:
+    inliers: the best verification's inliers (at least `min_inliers`).
+    first_stage: the first stage's confidence in the landmark, in [0, 1].
+    min_inliers: the acceptance threshold.
+  """
+  return 1.0 + 0.5 * inliers / (inliers + min_inliers) + 0.5 * min(max(first_stage, 0.0), 1.0)
+
+
+def knn_votes(similarities: np.ndarray, landmarks: np.ndarray) -> Dict[int, float]:
+  """Landmark → share of the neighbours' similarity: the knn first stage's confidences.
+
+  Args:
+    similarities: [K] cosine similarities of the nearest index images (negative ones vote 0).
+    landmarks: [K] their landmark ids (-1 for an empty IVF slot, ignored).
+
+  Returns:
+    Votes summing to 1 (empty if nothing voted), so they compare with softmax probabilities.
+  """
+  weights = np.maximum(np.asarray(similarities, np.float64), 0.0)
+  votes: Dict[int, float] = collections.defaultdict(float)
+  for weight, landmark in zip(weights, landmarks):
+    if landmark >= 0 and weight > 0:
+      votes[int(landmark)] += float(weight)
+  total = sum(votes.values())
+  return {landmark: vote / total for landmark, vote in votes.items()} if total else {}
+
+
+def fuse(*proposals: Dict[int, float]) -> Dict[int, float]:
+  """The mean of several landmark → confidence maps (a landmark missing from one counts 0)."""
+  fused: Dict[int, float] = collections.defaultdict(float)
+  for proposal in proposals:
+    for landmark, confidence in proposal.items():
+      fused[landmark] += confidence / len(proposals)
+  return dict(fused)
+
+
+def ranked(proposal: Dict[int, float]) -> List[Tuple[int, float]]:
+  """(landmark, confidence) best first; ties by landmark id, so that runs repeat."""
+  return sorted(proposal.items(), key=lambda item: (-item[1], item[0]))
+
+
+# --- Reading queries -------------------------------------------------------------------------
+
+
+def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
+                 min_side: int) -> Tuple[List[str], Iterator[Query]]:
+  if not config.image_dir:
+    raise PredictError('--test_csv needs --image_dir, the folder of its images')
+  if not tf.io.gfile.isdir(config.image_dir):
+    raise PredictError(f'--image_dir={config.image_dir} is not a folder')
+  rows, skipped = csv_io.read_test_csv(config.test_csv)
+  for row in skipped:
+    print(f'{config.test_csv}: skipped line {row.line}: {row.reason}')
+
+  def read() -> Iterator[Query]:
+    for row in rows:
+      try:
+        prepared = images_lib.prepare_image_file(
+            ingest.image_paths(config.image_dir, row.image_id), max_side=max_side,
+            jpeg_quality=jpeg_quality, min_side=min_side)
+      except images_lib.ImageError as error:
+        yield Query(row.image_id, None, str(error))
+        continue
+      yield Query(row.image_id, prepared.jpeg)
+
+  return [row.image_id for row in rows], read()
+
+
+def _record_queries(records_dir: str) -> Tuple[List[str], Iterator[Query]]:
+  try:
+    paths = records_lib.load(records_dir).files('test')
+  except records_lib.RecordsError as error:
+    raise PredictError(f'the query records {records_dir}: {error}') from None
+  if not paths:
+    raise PredictError(f'{records_dir} has no test split; build it with tfl-build-records '
+                       '--test_csv, or give --test_csv and --image_dir')
+
+  def examples():
+    dataset = tf.data.TFRecordDataset(paths).map(schema.parse_example)
+    try:
+      for example in dataset:
+        yield example[schema.ID].numpy().decode(), example[schema.ENCODED].numpy()
+    except tf.errors.DataLossError:
+      raise PredictError(f'{records_lib.find_corrupt_shard(paths)} is corrupt or truncated; '
+                         'rebuild the records') from None
+
+  ids = [image_id for image_id, _ in examples()]
+  return ids, (Query(image_id, jpeg) for image_id, jpeg in examples())
+
+
+# --- Verification ----------------------------------------------------------------------------
+
+
+class Verifier:
+  """Local features of queries, and their verification against index images.
+
+  Args:
+    index: the export's index.
+    extract: image → LocalFeatures, as the index was built.
+    pair_settings: matching and RANSAC settings.
+  """
+
+  def __init__(self, index: index_lib.Index, extract, pair_settings):
+    self.index = index
+    self.extract = extract
+    self.pair_settings = pair_settings
+
+  def verify(self, query: LocalFeatures, row: int):
+    """(matches, Verification) of the query against index image `row`."""
+    return pair_evaluation.verify_pair(query, self.index.local_features(row), self.pair_settings)
+
+
+def open_verifier(export_dir: str, description: dict, config: PredictConfig) -> Optional[Verifier]:
+  """The export's index and extractor (None for an export without an index)."""
+  if not description['index']:
+    return None
+  index = index_lib.Index(files.join(export_dir, description['index']['path']))
+  local = index.metadata['local']
+  if local['backend'] == 'sift':
+    def extract(image):
+      return sift.extract_sift(image, max_features=local['max_features'])
+  else:
+    delf = description['delf']
+    try:
+      extract = delf_features.load_saved_model(
+          files.join(export_dir, delf['path']), scales=delf['scales'],
+          max_feature_num=delf['max_feature_num'], abs_threshold=delf['abs_threshold'])
+    except delf_features.DelfError as error:
+      raise PredictError(str(error)) from None
+  pair_settings = pair_evaluation.VerifySettings(
+      ratio=None if config.ratio >= 1 else config.ratio, mutual=config.mutual,
+      residual_threshold=config.residual_threshold)
+  return Verifier(index, extract, pair_settings)
+
+
+# --- One query -------------------------------------------------------------------------------
+
+
+class _QueryPredictor:
+  """Turns one classified query into its journal entry."""
+
+  def __init__(self, config: PredictConfig, verifier: Optional[Verifier]):
+    self.config = config
+    self.verifier = verifier
+
+  def _first_stage(self, landmark_ids, scores, embedding, timing) -> Dict[int, float]:
+    classifier = {int(landmark): float(score)
+                  for landmark, score in zip(landmark_ids, scores) if landmark >= 0}
+    if self.config.first_stage == 'classifier' or self.verifier is None:
+      return classifier
+    started = time.perf_counter()
+    index = self.verifier.index
+    similarities, rows = index.global_search(embedding, self.config.knn_k)
+    landmarks = np.array([index.landmark_of(row) if row >= 0 else -1 for row in rows[0]])
+    votes = knn_votes(similarities[0], landmarks)
+    timing['knn'] = time.perf_counter() - started
+    return votes if self.config.first_stage == 'knn' else fuse(classifier, votes)
+
+  def __call__(self, query: Query, landmark_ids, scores, embedding, status: str,
+               classify_seconds: float) -> dict:
+    started = time.perf_counter()
+    timing = {'classify': classify_seconds}
+    entry = {'id': query.image_id, 'status': status, 'prediction': None, 'unverified': None,
+             'candidates': [], 'retrieval': []}
+    if status != 'ok':
+      return {**entry, 'seconds': classify_seconds, 'timing': timing}
+    proposals = ranked(self._first_stage(landmark_ids, scores, embedding, timing))
+    if proposals:
+      entry['unverified'] = [proposals[0][0], proposals[0][1]]
+    verified = self._verify(query, proposals, embedding, entry, timing)
+    if verified is not None:
+      entry['prediction'] = list(verified)
+    elif proposals and self.config.unverified_weight > 0:
+      entry['prediction'] = [proposals[0][0], self.config.unverified_weight * proposals[0][1]]
+    timing['total'] = classify_seconds + time.perf_counter() - started
+    return {**entry, 'seconds': timing['total'], 'timing': timing}
+
+  def _verify(self, query: Query, proposals, embedding, entry: dict,
+              timing: dict) -> Optional[Tuple[int, float]]:
+    if self.verifier is None:
+      return None
+    index, config = self.verifier.index, self.config
+    features = None
+    if config.verify_top_k or config.rerank:
+      started = time.perf_counter()
+      features = self.verifier.extract(tf.io.decode_jpeg(query.jpeg, channels=3).numpy())
+      timing['extract'] = time.perf_counter() - started
+    started = time.perf_counter()
+    inliers_of: Dict[int, int] = {}  # index row → inliers, shared with retrieval
+    query_descriptor = np.asarray(embedding, np.float32)
+    best = None
+    for landmark, first_stage in proposals[:config.verify_top_k]:
+      rows = index.images_of(landmark)
+      if len(rows):
+        similarity = index.global_descriptors[rows] @ query_descriptor
+        rows = rows[np.argsort(-similarity, kind='stable')][:config.max_verifications]
+      candidate = {'landmark_id': landmark, 'first_stage': first_stage, 'inliers': 0,
+                   'index_image': None, 'comparisons': 0}
+      for row in rows:
+        _, verification = self.verifier.verify(features, int(row))
+        inliers_of[int(row)] = verification.num_inliers
+        candidate['comparisons'] += 1
+        if verification.num_inliers > candidate['inliers'] or candidate['index_image'] is None:
+          candidate['inliers'] = verification.num_inliers
+          candidate['index_image'] = index.image_id(int(row))
+        if verification.num_inliers >= config.min_inliers:
+          break
+      entry['candidates'].append(candidate)
+      if candidate['inliers'] >= config.min_inliers and (
+          best is None or candidate['inliers'] > best['inliers']):
+        best = candidate
+    timing['verify'] = time.perf_counter() - started
+    started = time.perf_counter()
+    entry['retrieval'] = self._retrieval(features, query_descriptor, inliers_of)
+    timing['retrieval'] = time.perf_counter() - started
+    if best is None:
+      return None
+    return best['landmark_id'], verified_score(best['inliers'], best['first_stage'],
+                                               config.min_inliers)
+
+  def _retrieval(self, features: Optional[LocalFeatures], query_descriptor: np.ndarray,
+                 inliers_of: Dict[int, int]) -> List[str]:
+    index, config = self.verifier.index, self.config
+    _, rows = index.global_search(query_descriptor, config.retrieval_depth)
+    rows = [int(row) for row in rows[0] if row >= 0]
+    head = []
+    for position, row in enumerate(rows[:config.rerank] if features is not None else ()):
+      if row not in inliers_of:
+        inliers_of[row] = self.verifier.verify(features, row)[1].num_inliers
+      if inliers_of[row] >= config.min_inliers:
+        head.append((-inliers_of[row], position, row))
+    promoted = [row for _, _, row in sorted(head)]
+    rest = [row for row in rows if row not in set(promoted)]
+    return [index.image_id(row) for row in promoted + rest]
+
+
+# --- The journal -----------------------------------------------------------------------------
+
+
+class Journal:
+  """predictions.jsonl: one line per finished query, flushed as written, read back on a re-run.
+
+  A line cut short by a kill is dropped (and the file truncated after the last whole line), so a
+  re-run redoes exactly the queries whose lines are not complete.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.entries: Dict[str, dict] = {}
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        content = f.read()
+      good_length = 0
+      for line in content.splitlines(keepends=True):
+        try:
+          entry = json.loads(line)
+        except ValueError:
+          break
+        if not line.endswith(b'\n') or not isinstance(entry, dict) or 'id' not in entry:
+          break
+        self.entries[entry['id']] = entry
+        good_length += len(line)
+      if good_length < len(content):
+        files.write_atomically(path, content[:good_length])
+    self._file = None
+
+  def append(self, entry: dict) -> None:
+    if self._file is None:
+      # Local files are appended to in place (a kill loses at most the line being written);
+      # tf.io.gfile cannot append to gs://, where the journal is rewritten by close().
+      self._file = open(self.path, 'ab') if not files.is_remote(self.path) else None
+    line = (json.dumps(entry, sort_keys=True) + '\n').encode()
+    self.entries[entry['id']] = entry
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    elif files.is_remote(self.path):
+      files.write_atomically(self.path, b''.join(
+          (json.dumps(entry, sort_keys=True) + '\n').encode() for entry in self.entries.values()))
+
+
+# --- The whole run ---------------------------------------------------------------------------
+
+
+def _fingerprint(config: PredictConfig, description: dict) -> dict:
+  return {**settings.fingerprint(config), 'export_created': description['created'],
+          'classifier_sha256': description['classifier']['run_model_sha256']}
+
+
+def _prepare_output(config: PredictConfig, fingerprint: dict) -> None:
+  output_dir = config.output_dir
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise PredictError(f'--output_dir={output_dir} is a file, not a folder')
+  meta_path = files.join(output_dir, PREDICT_JSON)
+  if tf.io.gfile.exists(meta_path):
+    previous = files.read_versioned_json(meta_path, FORMAT, 'predictions', 'pass --overwrite',
+                                         PredictError)
+    if previous.get('fingerprint') != fingerprint:
+      if not config.overwrite:
+        raise PredictError(f'{output_dir} holds predictions made with other settings or another '
+                           'export; pass --overwrite to start again, or choose another folder')
+      for name in (JOURNAL, RECOGNITION_CSV, UNVERIFIED_CSV, RETRIEVAL_CSV, LOG, PREDICT_JSON):
+        if tf.io.gfile.exists(files.join(output_dir, name)):
+          tf.io.gfile.remove(files.join(output_dir, name))
+  elif tf.io.gfile.exists(files.join(output_dir, JOURNAL)):
+    raise PredictError(f'{output_dir} holds a predictions.jsonl without predict.json; remove it '
+                       'or choose another folder')
+  tf.io.gfile.makedirs(output_dir)
+
+
+def _batches(queries: Iterable[Query], size: int) -> Iterator[List[Query]]:
+  batch = []
+  for query in queries:
+    batch.append(query)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def _log_line(entry: dict) -> str:
+  prediction = entry['prediction']
+  answer = 'none' if prediction is None else f'{prediction[0]} {prediction[1]:.3f}'
+  parts = ' '.join(f'{stage} {seconds * 1000:.0f} ms'
+                   for stage, seconds in entry['timing'].items() if stage != 'total')
+  return (f'{entry["id"]} {entry["status"]}: {answer}, {entry["seconds"] * 1000:.0f} ms '
+          f'({parts})\n')
+
+
+def predict(config: PredictConfig) -> dict:
+  """Runs the prediction described in the module docstring.
+
+  Returns:
+    predict.json's content: counts, timing (median and 90th percentile seconds per query) and
+    where the submissions are.
+
+  Raises:
+    PredictError, export.ExportError, index.LandmarkIndexError, csv_io.CsvError: unusable
+      settings, export, queries or output folder.
+  """
+  settings.check(config)
+  if not config.export or not config.output_dir:
+    raise PredictError('give --export=<tfl-export folder> and --output_dir')
+  description = export_lib.read_export(config.export)
+  classifier = description['classifier']
+  build = records_lib.load_manifest(description['records_dir']).get('config', {}) \
+      if tf.io.gfile.exists(files.join(description['records_dir'], records_lib.MANIFEST)) else {}
+  if config.test_csv:
+    ids, queries = _csv_queries(config, classifier['max_image_side'],
+                                int(build.get('jpeg_quality', 90)), classifier['min_image_side'])
+  else:
+    ids, queries = _record_queries(config.test_records or description['records_dir'])
+  fingerprint = _fingerprint(config, description)
+  _prepare_output(config, fingerprint)
+  meta = {'format': FORMAT, 'export': config.export, 'records_dir': description['records_dir'],
+          'queries': {'test_csv': config.test_csv, 'image_dir': config.image_dir,
+                      'test_records': None if config.test_csv else
+                      (config.test_records or description['records_dir'])},
+          'index': description['index'], 'fingerprint': fingerprint,
+          'settings': settings.as_dict(config), 'finished': False}
+  files.write_atomically(files.join(config.output_dir, PREDICT_JSON), json.dumps(meta, indent=1))
+
+  verifier = open_verifier(config.export, description, config)
+  if verifier is None and config.first_stage != 'classifier':
+    raise PredictError(f'--first_stage={config.first_stage} needs an index in the export')
+  predictor = _QueryPredictor(config, verifier)
+  loaded = tf.saved_model.load(files.join(config.export, classifier['path']))
+  serve = loaded.signatures[export_lib.SERVING_SIGNATURE]
+  journal = Journal(files.join(config.output_dir, JOURNAL))
+  done = len(set(ids) & set(journal.entries))
+  if done:
+    print(f'resuming: {done} of {len(ids)} queries already predicted')
+  log_mode = 'a' if done else 'w'
+  pending = (query for query in queries if query.image_id not in journal.entries)
+  try:
+    with tf.io.gfile.GFile(files.join(config.output_dir, LOG), log_mode) as log, tqdm.tqdm(
+        total=len(ids), initial=done, unit='query', desc='predict',
+        disable=not config.progress) as bar:
+      for batch in _batches(pending, config.batch_size):
+        usable = [query for query in batch if query.jpeg is not None]
+        started = time.perf_counter()
+        outputs = serve(images=tf.constant([query.jpeg for query in usable], tf.string)) \
+            if usable else None
+        per_query = (time.perf_counter() - started) / max(len(usable), 1)
+        position = 0
+        for query in batch:
+          if query.jpeg is None:
+            entry = predictor(query, (), (), None, query.status, 0.0)
+          else:
+            entry = predictor(query, outputs['landmark_ids'][position].numpy(),
+                              outputs['scores'][position].numpy(),
+                              outputs['embeddings'][position].numpy(),
+                              outputs['status'][position].numpy().decode(), per_query)
+            position += 1
+          journal.append(entry)
+          log.write(_log_line(entry))
+          bar.update(1)
+        log.flush()
+  finally:
+    journal.close()
+  return _finish(config, meta, ids, journal.entries)
+
+
+def _finish(config: PredictConfig, meta: dict, ids: Sequence[str], entries: Dict[str, dict]):
+  """Writes the three submissions in query order, then predict.json marked finished."""
+  ordered = [entries[image_id] for image_id in ids]
+  submission.write_recognition_submission(
+      files.join(config.output_dir, RECOGNITION_CSV),
+      {entry['id']: tuple(entry['prediction']) if entry['prediction'] else None
+       for entry in ordered})
+  submission.write_recognition_submission(
+      files.join(config.output_dir, UNVERIFIED_CSV),
+      {entry['id']: tuple(entry['unverified']) if entry['unverified'] else None
+       for entry in ordered})
+  if meta['index']:
+    submission.write_retrieval_submission(files.join(config.output_dir, RETRIEVAL_CSV),
+                                          {entry['id']: entry['retrieval'] for entry in ordered})
+  seconds = np.array([entry['seconds'] for entry in ordered]) if ordered else np.zeros(1)
+  statuses = collections.Counter(entry['status'] for entry in ordered)
+  meta = {**meta, 'finished': True,
+          'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'counts': {'queries': len(ordered),
+                     'unusable': sum(count for status, count in statuses.items() if status != 'ok'),
+                     'predictions': sum(1 for entry in ordered if entry['prediction']),
+                     'verified': sum(1 for entry in ordered
+                                     if entry['prediction'] and entry['prediction'][1] >= 1.0)},
+          'statuses': dict(statuses),
+          'seconds_per_query': {'median': float(np.median(seconds)),
+                                'p90': float(np.percentile(seconds, 90)),
+                                'total': float(seconds.sum())},
+          'submissions': {'recognition': RECOGNITION_CSV, 'recognition_unverified': UNVERIFIED_CSV,
+                          'retrieval': RETRIEVAL_CSV if meta['index'] else None}}
+  files.write_atomically(files.join(config.output_dir, PREDICT_JSON), json.dumps(meta, indent=1))
+  return meta
+
+
+# --- Match pictures for the report -----------------------------------------------------------
+
+
+def _stored_image(records_dir: str, splits: Sequence[str], image_id: str) -> Optional[np.ndarray]:
+  """The stored (records) image `image_id`, looked up in the given splits' shards."""
+  records = records_lib.load(records_dir)
+  wanted = image_id.encode()
+  for split in splits:
+    paths = records.files(split)
+    if not paths:
+      continue
+    for example in tf.data.TFRecordDataset(paths).map(schema.parse_example):
+      if example[schema.ID].numpy() == wanted:
+        return tf.io.decode_jpeg(example[schema.ENCODED], channels=3).numpy()
+  return None
+
+
+def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
+               png_path: str) -> Optional[str]:
+  """Draws the query next to the index image of `landmark_id` it was verified against.
+
+  For the report's worst mistakes: the index image is the one recorded for that landmark in the
+  query's journal entry, or the landmark's first index image if it was not verified.
+
+  Args:
+    predictions_dir: a finished `predict` output folder.
+    query_id: the query.
+    landmark_id: the landmark whose index image to show.
+    png_path: where the picture goes.
+
+  Returns:
+    A caption ("<inliers> inliers / <matches> matches with index image <id>"), or None when the
+    query, its image or the index image cannot be found.
+  """
+  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
+                                   'predictions', 'predict again', PredictError)
+  entry = Journal(files.join(predictions_dir, JOURNAL)).entries.get(query_id)
+  if entry is None or entry['status'] != 'ok':
+    return None
+  description = export_lib.read_export(meta['export'])
+  config = PredictConfig(**{key: value for key, value in meta['settings'].items()
+                            if key in {field.name for field in dataclasses.fields(PredictConfig)}})
+  verifier = open_verifier(meta['export'], description, config)
+  if verifier is None:
+    return None
+  index_image = next((candidate['index_image'] for candidate in entry['candidates']
+                      if candidate['landmark_id'] == landmark_id and candidate['index_image']),
+                     None)
+  if index_image is None:
+    rows = verifier.index.images_of(landmark_id)
+    if not len(rows):
+      return None
+    index_image = verifier.index.image_id(int(rows[0]))
+  row = next((r for r in verifier.index.images_of(landmark_id)
+              if verifier.index.image_id(int(r)) == index_image), None)
+  queries = meta['queries']
+  if queries['test_csv']:
+    try:
+      prepared = images_lib.prepare_image_file(
+          ingest.image_paths(queries['image_dir'], query_id),
+          max_side=description['classifier']['max_image_side'], jpeg_quality=90)
+    except images_lib.ImageError:
+      return None
+    query_image = tf.io.decode_jpeg(prepared.jpeg, channels=3).numpy()
+  else:
+    query_image = _stored_image(queries['test_records'], ('test',), query_id)
+  index_picture = _stored_image(verifier.index.metadata['records_dir'],
+                                verifier.index.metadata['splits'], index_image)
+  if query_image is None or index_picture is None or row is None:
+    return None
+  query_features = verifier.extract(query_image)
+  matches, verification = verifier.verify(query_features, int(row))
+  draw.draw_matches(query_image, index_picture, query_features,
+                    verifier.index.local_features(int(row)), matches, verification.inlier_mask,
+                    png_path)
+  return (f'{verification.num_inliers} inliers / {len(matches)} matches with index image '
+          f'{index_image} (landmark {landmark_id})')
