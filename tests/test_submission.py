@@ -83,6 +83,16 @@ def test_retrieval_map_at_100_through_files(tmp_path):
   path = str(tmp_path / 'round.csv')
   submission.write_retrieval_submission(path, rankings)
   assert submission.read_retrieval_submission(path, truth) == rankings
+  # A row for a test image the solution does not score is checked, then left out, as on Kaggle;
+  # a file with no scored query at all is the wrong one.
+  extra = _write(tmp_path, 'extra.csv', 'id,images\nq1,a b\nq9,c\n')
+  assert submission.read_retrieval_submission(extra, truth) == {'q1': ('a', 'b')}
+  with pytest.raises(submission.SubmissionError, match='none of its 2 queries is a query of'):
+    submission.read_retrieval_submission(_write(tmp_path, 'other.csv', 'id,images\nq8,a\nq9,c\n'),
+                                         truth)
+  with pytest.raises(submission.SubmissionError, match="line 3: bad id '../q9'"):
+    submission.read_retrieval_submission(_write(tmp_path, 'bad.csv', 'id,images\nq1,a\n../q9,c\n'),
+                                         truth)
   too_many = ' '.join(f'i{i}' for i in range(101))
   with pytest.raises(submission.SubmissionError, match='101 images, at most 100'):
     submission.read_retrieval_submission(

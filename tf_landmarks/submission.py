@@ -121,18 +121,32 @@ def read_retrieval_solution(path: str) -> Dict[str, Tuple[str, ...]]:
 
 def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
                               ) -> Dict[str, Tuple[str, ...]]:
-  """Query id → up to 100 index image ids, best first; every id must be a query of `solution`."""
-  rankings, problems, seen = {}, [], set()
+  """Query id → up to 100 index image ids, best first, for the queries of `solution`.
+
+  A submission has a row for every test image, but retrieval solutions list only the queries that
+  are scored (those with relevant index images, in the Kaggle files and ours), so rows for other
+  queries are checked like the rest and then left out, as Kaggle does.
+
+  Raises:
+    SubmissionError: a malformed or repeated row, or no row for any query of `solution` (the wrong
+      solution file, most likely).
+  """
+  rankings, problems, seen, other_queries = {}, [], set(), 0
   for line, row in csv_io.open_rows(path, ('id', 'images')):
-    query_id = _query_id(line, row, seen, problems, solution)
+    query_id = _query_id(line, row, seen, problems, None)
     images = tuple((row.get('images') or '').split())
     if len(images) > RETRIEVAL_DEPTH:
       problems.append(f'line {line}: {len(images)} images, at most {RETRIEVAL_DEPTH} are scored')
     elif not all(csv_io.is_safe_image_id(image) for image in images):
       problems.append(f'line {line}: an image id is not a valid id')
-    elif query_id is not None:
+    elif query_id in solution:
       rankings[query_id] = images
+    elif query_id is not None:
+      other_queries += 1
   _raise_if(problems, path)
+  if other_queries and not rankings:
+    raise SubmissionError(f'{path}: none of its {other_queries} queries is a query of the '
+                          'retrieval solution; is it the solution of another test set?')
   return rankings
 
 
