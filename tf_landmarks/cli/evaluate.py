@@ -5,14 +5,15 @@ Examples:
       --recognition_solution=data/synthetic/recognition_solution.csv
   tfl-evaluate --retrieval_submission=retrieval.csv \
       --retrieval_solution=../shared/data/landmarks-real/retrieval_solution.csv
-  tfl-evaluate --predictions_dir=predictions/synthetic \
+  tfl-evaluate --predictions_dir=predictions/demo \
       --recognition_solution=data/synthetic/recognition_solution.csv \
       --retrieval_solution=data/synthetic/retrieval_solution.csv --report_dir=report
 
 Recognition: GAP (predictions on queries without a landmark count as wrong, as on Kaggle), GAP over
 landmark queries only, accuracy on landmark queries, and per-class precision, recall and F1 (macro
-averages printed; every class in the report). Retrieval: mAP@100. A malformed or unknown row is
-reported with its line number and nothing is scored. --report_dir writes report/index.html with the
+averages printed; every class in the report). Retrieval: mAP@100 (rows for queries the solution
+does not score are left out). A malformed row, or a recognition row for a query the solution does
+not list, is reported with its line number and nothing is scored. --report_dir writes index.html with the
 numbers, the class-frequency histogram, the confusion matrix, the precision-recall curve(s) and the
 most confident mistakes with their match pictures.
 """
