@@ -123,6 +123,9 @@ def test_report_limits_cap_the_tables(tmp_path):
   assert 'The 10 of 70 landmarks' in page
   assert page.count('class="mistake"') == 4
   assert len((tmp_path / report.PER_CLASS_CSV).read_text().splitlines()) == 71
+  report.write_report(str(tmp_path), recognition_solution=solution, recognition=predictions,
+                      limits=report.ReportLimits(mistakes=0))
+  assert 'Worst mistakes' not in _page(tmp_path)
 
 
 # --- The command, on a predictions folder in the prediction command's layout. -------------------

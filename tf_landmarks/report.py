@@ -37,7 +37,8 @@ class ReportLimits:
   """How much of a large evaluation the page shows (200k classes do not fit on a page).
 
   Attributes:
-    mistakes: wrong predictions listed (the most confident first), each with a match picture.
+    mistakes: wrong predictions listed (the most confident first), each with a match picture;
+      0 leaves the section out.
     classes: rows of the per-class table (all classes are in per_class.csv).
     confusion_classes: landmarks with a row and column in the confusion matrix.
   """
@@ -294,9 +295,10 @@ def write_report(report_dir: str, *,
     files.write_csv_atomically(files.join(report_dir, PER_CLASS_CSV), _PER_CLASS_COLUMNS, rows)
     body.append('<h2>Per-class precision, recall and F1</h2>' + _per_class_table(rows,
                                                                                limits.classes))
-    body.append('<h2>Worst mistakes</h2>' + _mistakes_section(
-        worst_mistakes(recognition, recognition_solution, limits.mistakes), report_dir,
-        draw_match, train_class_counts))
+    if limits.mistakes:
+      body.append('<h2>Worst mistakes</h2>' + _mistakes_section(
+          worst_mistakes(recognition, recognition_solution, limits.mistakes), report_dir,
+          draw_match, train_class_counts))
   page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
           '<meta name="viewport" content="width=device-width, initial-scale=1">'
           f'<title>tf-landmarks evaluation</title><style>{_STYLE}</style></head><body>'
