@@ -14,7 +14,7 @@ DEMO_RUNS ?= runs
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,7 +28,8 @@ import os
 import posixpath
 import random
 import signal
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+import uuid
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tqdm
@@ -117,7 +118,8 @@ class BuildConfig:
       'Largest image file read from --image_dir, bytes; larger files are skipped.', lower=1)
   examples_per_shard: int = setting(1024, 'Target number of examples per shard.', lower=1)
   num_workers: int = setting(
-      2, 'Image-processing processes; 1 works in this process.', lower=1, runtime=True)
+      2, 'Image-processing processes of --runner=local; 1 works in this process.', lower=1,
+      runtime=True)
   resume: bool = setting(
       False, 'Continue an interrupted build in --output_dir, skipping finished work (the inputs '
       'and settings must be the same).', runtime=True)
@@ -126,11 +128,21 @@ class BuildConfig:
   keep_staging: bool = setting(
       False, 'Keep the intermediate .staging folder after a successful build.', runtime=True)
   progress: bool = setting(True, 'Show progress bars.', runtime=True)
+  runner: str = setting(
+      'local', '"local": this machine, --num_workers processes. "beam": the same build as an Apache '
+      "Beam pipeline (pip install 'tf-landmarks[beam]'), run by the Beam runner that "
+      '--beam_pipeline_options names (Dataflow, Flink, Spark; DirectRunner by default); it writes '
+      'the same examples, label map and manifest.', choices=('local', 'beam'), runtime=True)
+  beam_pipeline_options: Optional[List[str]] = setting(
+      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
+      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
+      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
+      "runs as Beam's FnApiRunner (local processes).", runtime=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
-  """A row to stage: `landmark_id` None marks a test row."""
+class Row:
+  """A row to build, in build order: `landmark_id` None marks a test row."""
   image_id: str
   landmark_id: Optional[int]
 
@@ -216,6 +228,10 @@ def _prepare_output_dir(config: BuildConfig, fingerprint: dict) -> bool:
     if tf.io.gfile.exists(staging) and not config.keep_staging:
       tf.io.gfile.rmtree(staging)  # Left by a build killed during its final clean-up.
     return True
+  # Shards being written when the last attempt stopped; their final names are complete shards.
+  for path in existing:
+    if '.tmp-' in posixpath.basename(path):
+      tf.io.gfile.remove(path)
   tf.io.gfile.makedirs(staging)
   files.write_atomically(files.join(staging, _FINGERPRINT),
                          json.dumps(fingerprint, indent=1, sort_keys=True))
@@ -294,7 +310,7 @@ def _download(config: BuildConfig, rows: Sequence[csv_io.ImageRow],
   return cache_dir, {f.image_id for f in report.failures} | {row.image_id for row in without_url}
 
 
-def _check_some_images_exist(image_dir: str, rows: Sequence[_Row]) -> None:
+def _check_some_images_exist(image_dir: str, rows: Sequence[Row]) -> None:
   """Fails fast, before hours of work, when --image_dir is plainly wrong."""
   sample = random.Random(0).sample(list(rows), min(len(rows), 50))
   if not any(tf.io.gfile.exists(path)
@@ -335,7 +351,7 @@ class _Staged(NamedTuple):
   sha256: str
 
 
-def _stage(config: BuildConfig, image_dir: str, rows: Sequence[_Row]) -> None:
+def _stage(config: BuildConfig, image_dir: str, rows: Sequence[Row]) -> None:
   """Phase 1: prepares every row's image into staging chunks, skipping chunks already complete."""
   staging = files.join(config.output_dir, records.STAGING)
   size = _chunk_size(len(rows))
@@ -457,110 +473,218 @@ def _staged_jpegs(staging: str, staged: List[_Staged]) -> Iterable[Optional[byte
         offset += entry.num_bytes
 
 
-class _ShardWriter:
-  """Writes one split's examples into `num_shards` consecutive shards of near-equal size."""
+class Placement(NamedTuple):
+  """Where one example goes: a split, its rank there (the order of the split's shards), its shard.
 
-  def __init__(self, output_dir: str, split: str, total: int, examples_per_shard: int,
-               resume: bool):
+  Attributes:
+    position: the row's position in build order.
+    split: 'train', 'validation' or 'test'.
+    rank: index among the split's examples; shards are consecutive blocks of ranks.
+    shard: index of its shard.
+    num_shards: shards of the split.
+    label: contiguous label, or schema.NO_LABEL (test).
+    landmark_id: the CSV's landmark id, or schema.NO_LABEL (test).
+    distorted: the example is a distorted copy of the row's image (`--singletons=duplicate`).
+  """
+  position: int
+  split: str
+  rank: int
+  shard: int
+  num_shards: int
+  label: int
+  landmark_id: int
+  distorted: bool
+
+
+@dataclasses.dataclass
+class SplitPlan:
+  """The build's split, apart from the per-example placements: what the manifest reports.
+
+  Attributes:
+    label_map: (label, landmark_id, training images) rows in label order.
+    candidate_classes: classes among the readable train images (before class-size rules).
+    validation_duplicates: distorted copies of single-image classes in validation.
+    dropped: (image id, reason) of readable train images left out by the split.
+    readable_train: readable train images.
+    totals: examples per split.
+  """
+  label_map: List[Tuple[int, int, int]]
+  candidate_classes: int
+  validation_duplicates: int
+  dropped: List[Tuple[str, str]]
+  readable_train: int
+  totals: Dict[str, int]
+
+
+def num_shards(total: int, examples_per_shard: int) -> int:
+  """Shards of a split of `total` examples: near-equal blocks of at most `examples_per_shard`."""
+  return max(1, math.ceil(total / examples_per_shard)) if total else 0
+
+
+def plan_split(readable: Sequence[Tuple[int, str, Optional[int]]],
+               config: BuildConfig) -> Tuple[SplitPlan, List[Placement]]:
+  """Splits the readable rows and places every example in a split and shard.
+
+  Pure and deterministic: the local builder and the Beam pipeline (one global step over all rows)
+  call it with the same rows and get the same placements.
+
+  Args:
+    readable: (position, image id, landmark id or None for test) of the rows whose image is usable.
+    config: the build's settings (validation fraction, seed, class-size rules, shard size).
+
+  Returns:
+    The plan, and the placements in write order: by position, a row's distorted copy right after
+    its original.
+  """
+  readable = sorted(readable)
+  train = [(position, image_id, landmark_id) for position, image_id, landmark_id in readable
+           if landmark_id is not None]
+  split = splits.stratified_split([landmark_id for _, _, landmark_id in train],
+                                  config.validation_fraction, config.seed, config.singletons,
+                                  config.min_images_per_class)
+  destination = {}  # position → split name
+  for name, indices in (('train', split.train), ('validation', split.validation)):
+    for index in indices:
+      destination[train[index][0]] = name
+  duplicated = {train[index][0] for index in split.duplicated}
+  order = []  # (position, split, landmark id, distorted) in write order
+  for position, _, landmark_id in readable:
+    name = 'test' if landmark_id is None else destination.get(position)
+    if name is not None:
+      order.append((position, name, landmark_id, False))
+    if position in duplicated:
+      order.append((position, 'validation', landmark_id, True))
+  totals = collections.Counter(name for _, name, _, _ in order)
+  shards = {name: num_shards(totals[name], config.examples_per_shard) for name in records.SPLITS}
+  ranks = collections.Counter()
+  placements = []
+  for position, name, landmark_id, distorted in order:
+    rank = ranks[name]
+    ranks[name] += 1
+    labelled = name != 'test'
+    placements.append(Placement(
+        position, name, rank, rank * shards[name] // totals[name], shards[name],
+        split.label_of_landmark[landmark_id] if labelled else schema.NO_LABEL,
+        landmark_id if labelled else schema.NO_LABEL, distorted))
+  counts = collections.Counter(train[index][2] for index in split.train)
+  plan = SplitPlan(
+      label_map=[(label, landmark_id, counts[landmark_id]) for landmark_id, label
+                 in sorted(split.label_of_landmark.items(), key=lambda item: item[1])],
+      candidate_classes=len({landmark_id for _, _, landmark_id in train}),
+      validation_duplicates=len(split.duplicated),
+      dropped=[(train[index][1], reason) for index, reason in sorted(split.dropped.items())],
+      readable_train=len(train), totals={name: totals[name] for name in records.SPLITS})
+  return plan, placements
+
+
+def check_plan(plan: SplitPlan, num_train_rows: int, skipped: Sequence[csv_io.SkippedRow],
+               config: BuildConfig) -> None:
+  """Stops a build whose split has nothing to train on.
+
+  Raises:
+    BuildError: no train image was readable, or every class fell under the class-size rules.
+  """
+  if not plan.readable_train:
+    raise BuildError(f'none of the {num_train_rows} train images could be used: '
+                     f'{_skipped_summary(skipped)}')
+  if not plan.label_map:
+    raise BuildError(f'no class is left: every class has fewer than --min_images_per_class='
+                     f'{config.min_images_per_class} readable images')
+
+
+def serialize_placement(placement: Placement, image_id: str, jpeg: bytes, height: int, width: int,
+                        config: BuildConfig) -> bytes:
+  """The serialized Example of one placement of a prepared image (its distorted copy if asked)."""
+  if placement.distorted:
+    copy = images.distorted_copy(jpeg, seed=config.seed + placement.position,
+                                 jpeg_quality=config.jpeg_quality)
+    jpeg, height, width = copy.jpeg, copy.height, copy.width
+  return schema.serialize_example(image_id, jpeg, height, width, placement.label,
+                                  placement.landmark_id)
+
+
+class ShardWriter:
+  """Streams one split's placed examples into its shards, one open shard at a time.
+
+  Each shard is written under a temporary name unique to this writer and renamed when complete:
+  two attempts at the same shard (a retried Beam bundle, a backup worker) may then run at once, and
+  since both write the same bytes, whichever rename comes last is right.
+  """
+
+  def __init__(self, output_dir: str, split: str, resume: bool):
+    """Args: output_dir: the build folder; split: the split; resume: keep shards that already have
+    their final name (a finished shard of an interrupted build holds exactly these examples: the
+    placement is deterministic)."""
     self.split = split
-    self.total = total
-    self.num_shards = max(1, math.ceil(total / examples_per_shard)) if total else 0
+    self.shards: List[dict] = []  # Manifest entries of the finished shards.
     self._output_dir = output_dir
     self._resume = resume
-    self._written = 0
-    self._shard = -1
+    self._suffix = f'.tmp-{uuid.uuid4().hex}'
+    self._shard = None  # (index, count) of the open shard
     self._writer = None
-    self._shard_count = 0
-    self.shards: List[dict] = []
+    self._count = 0
 
-  def _path(self, shard: int) -> str:
-    return files.join(self._output_dir, records.shard_name(self.split, shard, self.num_shards))
+  def _path(self) -> str:
+    return files.join(self._output_dir, records.shard_name(self.split, *self._shard))
 
-  def write(self, serialized: bytes) -> None:
-    shard = self._written * self.num_shards // self.total
-    if shard != self._shard:
+  def write(self, serialized: bytes, shard: int, count: int) -> None:
+    """Appends an example to shard `shard` of `count`; examples must come in rank order."""
+    if self._shard != (shard, count):
       self._finish_shard()
-      self._shard = shard
-      path = self._path(shard)
-      # A finished shard from an interrupted run holds exactly these examples (the assignment is
-      # deterministic), so --resume leaves it as it is.
+      self._shard = (shard, count)
+      path = self._path()
       self._writer = None if self._resume and tf.io.gfile.exists(path) else \
-          tf.io.TFRecordWriter(f'{path}.tmp')
+          tf.io.TFRecordWriter(path + self._suffix)
     if self._writer is not None:
       self._writer.write(serialized)
-    self._shard_count += 1
-    self._written += 1
+    self._count += 1
 
   def _finish_shard(self) -> None:
-    if self._shard < 0:
+    if self._shard is None:
       return
-    path = self._path(self._shard)
+    path = self._path()
     if self._writer is not None:
       self._writer.close()
-      tf.io.gfile.rename(f'{path}.tmp', path, overwrite=True)
-    self.shards.append({'file': posixpath.basename(path), 'examples': self._shard_count,
+      tf.io.gfile.rename(path + self._suffix, path, overwrite=True)
+    self.shards.append({'file': posixpath.basename(path), 'examples': self._count,
                         'bytes': tf.io.gfile.stat(path).length})
-    self._shard_count = 0
+    self._count = 0
     self._writer = None
 
   def close(self) -> None:
+    """Finishes the open shard."""
     self._finish_shard()
-    if self._written != self.total:
-      raise AssertionError(f'{self.split}: wrote {self._written} examples, expected {self.total}')
+    self._shard = None
 
 
-def _write_shards(config: BuildConfig, staged: List[_Staged], rows: Sequence[_Row],
-                  split: splits.Split, train_positions: List[int]) -> Dict[str, _ShardWriter]:
+def _write_shards(config: BuildConfig, staged: List[_Staged],
+                  placements: Sequence[Placement]) -> Dict[str, List[dict]]:
   """Phase 2: routes staged images into split shards in one sequential pass."""
-  destination = {}  # position in `rows` → split name
-  position_of_train_index = dict(enumerate(train_positions))
-  for index in split.train:
-    destination[position_of_train_index[index]] = 'train'
-  for index in split.validation:
-    destination[position_of_train_index[index]] = 'validation'
-  duplicated = {position_of_train_index[index] for index in split.duplicated}
-  for position, row in enumerate(rows):
-    if row.landmark_id is None and not staged[position].reason:
-      destination[position] = 'test'
-  totals = collections.Counter(destination.values())
-  totals['validation'] += len(duplicated)
-  writers = {name: _ShardWriter(config.output_dir, name, totals[name], config.examples_per_shard,
-                                config.resume) for name in records.SPLITS}
-
+  at_position = collections.defaultdict(list)
+  for placement in placements:
+    at_position[placement.position].append(placement)
+  writers = {name: ShardWriter(config.output_dir, name, config.resume) for name in records.SPLITS}
   staging = files.join(config.output_dir, records.STAGING)
-  bar = tqdm.tqdm(total=sum(totals.values()), unit='ex', desc='shards', disable=not config.progress)
-  jpegs = _staged_jpegs(staging, staged)
-  for position, (entry, jpeg) in enumerate(zip(staged, jpegs)):
-    name = destination.get(position)
-    if name is not None:
-      row = rows[position]
-      label = split.label_of_landmark[row.landmark_id] if name != 'test' else schema.NO_LABEL
-      landmark_id = row.landmark_id if name != 'test' else schema.NO_LABEL
-      writers[name].write(schema.serialize_example(entry.image_id, jpeg, entry.height, entry.width,
-                                                   label, landmark_id))
-      if position in duplicated:
-        copy = images.distorted_copy(jpeg, seed=config.seed + position,
-                                     jpeg_quality=config.jpeg_quality)
-        writers['validation'].write(schema.serialize_example(
-            entry.image_id, copy.jpeg, copy.height, copy.width, label, landmark_id))
-        bar.update()
+  bar = tqdm.tqdm(total=len(placements), unit='ex', desc='shards', disable=not config.progress)
+  for position, (entry, jpeg) in enumerate(zip(staged, _staged_jpegs(staging, staged))):
+    for placement in at_position.get(position, ()):
+      writers[placement.split].write(serialize_placement(
+          placement, entry.image_id, jpeg, entry.height, entry.width, config), placement.shard,
+                                     placement.num_shards)
       bar.update()
   bar.close()
   for writer in writers.values():
     writer.close()
-  return writers
+  return {name: writer.shards for name, writer in writers.items()}
 
 
-def _write_label_map(output_dir: str, split: splits.Split, train_rows: Sequence[_Row]) -> None:
-  counts = collections.Counter(train_rows[index].landmark_id for index in split.train)
-  records.write_label_map(output_dir, (
-      (label, landmark_id, counts[landmark_id]) for landmark_id, label
-      in sorted(split.label_of_landmark.items(), key=lambda item: item[1])))
+def reason_group(reason: str) -> str:
+  """The kind of a skip reason: 'corrupt or truncated image (OSError: …)' → its part before ' ('."""
+  return reason.split(' (')[0]
 
 
 def _skipped_summary(skipped: Iterable[csv_io.SkippedRow]) -> Dict[str, int]:
-  # Group 'corrupt or truncated image (OSError: …)' under 'corrupt or truncated image'.
-  return dict(collections.Counter(row.reason.split(' (')[0] for row in skipped).most_common())
+  return dict(collections.Counter(reason_group(row.reason) for row in skipped).most_common())
 
 
 def build_records(config: BuildConfig) -> dict:
@@ -587,6 +711,9 @@ def build_records(config: BuildConfig) -> dict:
     raise BuildError(f'--max_image_size={config.max_image_size} is below the smallest accepted '
                      f'image side ({config.min_image_side} px)')
 
+  if config.beam_pipeline_options and config.runner != 'beam':
+    raise BuildError('--beam_pipeline_options is only used with --runner=beam')
+  builder = _beam_builder().build if config.runner == 'beam' else _build
   if tf.io.gfile.exists(config.output_dir) and not tf.io.gfile.isdir(config.output_dir):
     raise BuildError(f'--output_dir={config.output_dir} is a file, not a folder')
 
@@ -598,70 +725,113 @@ def build_records(config: BuildConfig) -> dict:
   try:
     if _prepare_output_dir(config, fingerprint):
       return records.load_manifest(config.output_dir)
-    return _build(config, train_rows, test_rows, sources, fingerprint, skipped)
+    return builder(config, _build_inputs(config, train_rows, test_rows, sources, fingerprint,
+                                         skipped))
   finally:
     if lock is not None:
       lock.close()
 
 
-def _build(config: BuildConfig, train_rows: List[csv_io.ImageRow], test_rows: List[csv_io.ImageRow],
-           sources: Dict[str, dict], fingerprint: dict, skipped: List[csv_io.SkippedRow]) -> dict:
-  """Download (optional), staging, split, shards, label map, metadata and manifest."""
+def _beam_builder():
+  """The Beam builder module; a one-line error if the `beam` extra is not installed."""
+  try:
+    from tf_landmarks import ingest_beam  # pylint: disable=g-import-not-at-top  (optional extra)
+  except ModuleNotFoundError as error:
+    if not (error.name or '').startswith('apache_beam'):
+      raise
+    raise BuildError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") from None
+  return ingest_beam
 
+
+@dataclasses.dataclass
+class BuildInputs:
+  """What both builders (local and Beam) start from, after the CSVs and any download.
+
+  Attributes:
+    rows: every row to build, in build order (the seeded shuffle); positions index this list.
+    image_dir: where the images are (the download cache with --download).
+    num_train_rows: train rows among them.
+    sources: the CSVs read, with their SHA-256.
+    fingerprint: what --resume compares.
+    skipped: rows left out so far, with reasons; builders add the unusable images.
+  """
+  rows: List[Row]
+  image_dir: str
+  num_train_rows: int
+  sources: Dict[str, dict]
+  fingerprint: dict
+  skipped: List[csv_io.SkippedRow]
+
+
+def _build_inputs(config: BuildConfig, train_rows: List[csv_io.ImageRow],
+                  test_rows: List[csv_io.ImageRow], sources: Dict[str, dict], fingerprint: dict,
+                  skipped: List[csv_io.SkippedRow]) -> BuildInputs:
+  """Downloads (optional), then puts the rows in build order and checks the image folder."""
   image_dir = config.image_dir
   if config.download:
     image_dir, unavailable = _download(config, train_rows + test_rows, skipped)
     train_rows = [row for row in train_rows if row.image_id not in unavailable]
     test_rows = [row for row in test_rows if row.image_id not in unavailable]
-  rows = [_Row(row.image_id, row.landmark_id) for row in train_rows] + \
-         [_Row(row.image_id, None) for row in test_rows]
+  rows = [Row(row.image_id, row.landmark_id) for row in train_rows] + \
+         [Row(row.image_id, None) for row in test_rows]
   # A seeded shuffle: shards get a mix of classes even from a CSV sorted by landmark.
   random.Random(config.seed).shuffle(rows)
   _check_some_images_exist(image_dir, rows)
-  _stage(config, image_dir, rows)
+  return BuildInputs(rows, image_dir, len(train_rows), sources, fingerprint, skipped)
 
+
+def _build(config: BuildConfig, inputs: BuildInputs) -> dict:
+  """The local build: staging, split, shards, then `finish_build`."""
+  rows = inputs.rows
+  _stage(config, inputs.image_dir, rows)
   staging = files.join(config.output_dir, records.STAGING)
   num_chunks = math.ceil(len(rows) / _chunk_size(len(rows)))
   staged = _read_staged_results(staging, num_chunks)
-  skipped += [csv_io.SkippedRow('image', 0, entry.image_id, entry.reason)
-              for entry in staged if entry.reason]
-  train_positions = [p for p, row in enumerate(rows)
-                     if row.landmark_id is not None and not staged[p].reason]
-  if not train_positions:
-    raise BuildError(f'none of the {len(train_rows)} train images could be used: '
-                     f'{_skipped_summary(skipped)}')
-  train_view = [rows[p] for p in train_positions]
-  split = splits.stratified_split([row.landmark_id for row in train_view],
-                                  config.validation_fraction, config.seed, config.singletons,
-                                  config.min_images_per_class)
-  if not split.label_of_landmark:
-    raise BuildError(f'no class is left: every class has fewer than --min_images_per_class='
-                     f'{config.min_images_per_class} readable images')
-  skipped += [csv_io.SkippedRow('split', 0, train_view[index].image_id, reason)
-              for index, reason in sorted(split.dropped.items())]
+  inputs.skipped += [csv_io.SkippedRow('image', 0, entry.image_id, entry.reason)
+                     for entry in staged if entry.reason]
+  plan, placements = plan_split([(position, entry.image_id, rows[position].landmark_id)
+                                 for position, entry in enumerate(staged) if not entry.reason],
+                                config)
+  check_plan(plan, inputs.num_train_rows, inputs.skipped, config)
+  return finish_build(config, inputs, plan, _write_shards(config, staged, placements))
 
-  writers = _write_shards(config, staged, rows, split, train_positions)
-  _write_label_map(config.output_dir, split, train_view)
-  records.write_tfds_metadata(config.output_dir,
-                              {name: writer.shards for name, writer in writers.items()},
-                              len(split.label_of_landmark))
 
-  all_classes = {row.landmark_id for row in train_view}
+def finish_build(config: BuildConfig, inputs: BuildInputs, plan: SplitPlan,
+                 shards: Dict[str, List[dict]]) -> dict:
+  """Writes the label map, the TFDS metadata and, last, the manifest; removes the staging.
+
+  Args:
+    config: the build's settings.
+    inputs: the build's inputs, with every unusable image among `skipped`.
+    plan: the split.
+    shards: per split, the manifest entries of its shards in order.
+
+  Returns:
+    The manifest, as read back.
+  """
+  written = {name: sum(shard['examples'] for shard in shards[name]) for name in records.SPLITS}
+  if written != plan.totals:
+    raise AssertionError(f'wrote {written} examples, expected {plan.totals}')
+  skipped = inputs.skipped + [csv_io.SkippedRow('split', 0, image_id, reason)
+                              for image_id, reason in plan.dropped]
+  records.write_label_map(config.output_dir, plan.label_map)
+  records.write_tfds_metadata(config.output_dir, shards, len(plan.label_map))
   manifest = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'config': settings.as_dict(config),
-      'fingerprint': fingerprint,
-      'sources': sources,
-      'image_dir': image_dir,
-      'num_classes': len(split.label_of_landmark),
-      'dropped_classes': len(all_classes) - len(split.label_of_landmark),
-      'validation_duplicates': len(split.duplicated),
-      'splits': {name: {'examples': writer.total, 'shards': writer.shards}
-                 for name, writer in writers.items()},
+      'fingerprint': inputs.fingerprint,
+      'sources': inputs.sources,
+      'image_dir': inputs.image_dir,
+      'num_classes': len(plan.label_map),
+      'dropped_classes': plan.candidate_classes - len(plan.label_map),
+      'validation_duplicates': plan.validation_duplicates,
+      'splits': {name: {'examples': plan.totals[name], 'shards': shards[name]}
+                 for name in records.SPLITS},
       'skipped': {'total': len(skipped), 'by_reason': _skipped_summary(skipped),
                   'rows': [dataclasses.asdict(row) for row in skipped]},
   }
   records.write_manifest(config.output_dir, manifest)
+  staging = files.join(config.output_dir, records.STAGING)
   if not config.keep_staging:
     tf.io.gfile.rmtree(staging)
   return records.load_manifest(config.output_dir)
