@@ -230,7 +230,8 @@ def test_every_config_names_its_command_and_parses_against_the_real_flags():
   commands = {'tfl-synth': ('synth', ['--output_dir=o']),
               'tfl-build-records': ('build_records', []),
               'tfl-inspect-records': ('inspect_records', []),
-              'tfl-train': ('train', ['--records_dir=r', '--workdir=w'])}
+              'tfl-train': ('train', ['--records_dir=r', '--workdir=w']),
+              'tfl-predict': ('predict', ['--export=e', '--output_dir=o'])}
   by_command = _configs_by_command()
   assert set(by_command) <= set(commands), by_command
   assert len(by_command.get('tfl-train', [])) >= 11

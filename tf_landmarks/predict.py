@@ -623,7 +623,8 @@ def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
   meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
                                    'predictions', 'predict again', PredictError)
   entry = Journal(files.join(predictions_dir, JOURNAL)).entries.get(query_id)
-  if entry is None or entry['status'] != 'ok':
+  if entry is None or entry.get('status') != 'ok' or not all(
+      isinstance(meta.get(key), dict) for key in ('settings', 'queries')) or not meta.get('export'):
     return None
   description = export_lib.read_export(meta['export'])
   config = PredictConfig(**{key: value for key, value in meta['settings'].items()
