@@ -130,6 +130,18 @@ def test_knn_and_fused_first_stages_recognise_too(world, tmp_path, first_stage):
   assert scores['recognition']['gap'] > scores['recognition_unverified']['gap'], scores
 
 
+def test_verify_top_k_reaches_landmarks_the_classifier_did_not_propose(world, tmp_path):
+  one = export.export(export.ExportConfig(run=world['classifier'], index=world['index'],
+                                          output_dir=str(tmp_path / 'top1'), top_k=1))
+  assert one['classifier']['top_k'] == 1
+  _predict({**world, 'export': str(tmp_path / 'top1')}, tmp_path / 'p', verify_top_k=5)
+  landmarks = set(index_lib.Index(os.path.join(world['export'], 'index')).landmark_ids)
+  for entry in map(json.loads, open(tmp_path / 'p' / 'predictions.jsonl')):
+    verified = [candidate['landmark_id'] for candidate in entry['candidates']]
+    assert len(verified) == len(set(verified)) == min(5, len(landmarks))
+    assert all(candidate['first_stage'] == 0.0 for candidate in entry['candidates'][1:])
+
+
 def test_queries_from_a_csv_and_folder_match_the_test_shards_and_bad_images_are_rows(
     world, predicted, tmp_path):
   images = tmp_path / 'images'

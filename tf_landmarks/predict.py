@@ -98,12 +98,14 @@ class PredictConfig:
       None, 'A records folder (tfl-build-records --test_csv) whose test split holds the queries; '
       'default: the export\'s records folder.')
   first_stage: str = setting(
-      'both', 'Which landmarks are proposed for verification: classifier (softmax top-k), knn '
+      'classifier', 'Which landmarks are proposed for verification: classifier (softmax top-k), knn '
       '(votes of the nearest index images by global descriptor) or both (their mean).',
       choices=FIRST_STAGES)
   verify_top_k: int = setting(
-      3, 'Proposed landmarks verified per query (the number of landmarks in the index reaches '
-      'them all: then verification alone recognises).', lower=0)
+      3, 'Landmarks verified per query: the first stage\'s best, then (if it proposed fewer, as '
+      'the classifier gives only its top k) the index\'s other landmarks by their nearest image. '
+      'The number of landmarks in the index verifies them all: then verification alone '
+      'recognises.', lower=0)
   max_verifications: int = setting(
       20, 'Index images compared per verified landmark, nearest first by global descriptor.',
       lower=1)
@@ -335,7 +337,7 @@ class _QueryPredictor:
     inliers_of: Dict[int, int] = {}  # index row → inliers, shared with retrieval
     query_descriptor = np.asarray(embedding, np.float32)
     best = None
-    for landmark, first_stage in proposals[:config.verify_top_k]:
+    for landmark, first_stage in self._to_verify(proposals, query_descriptor):
       rows = index.images_of(landmark)
       if len(rows):
         similarity = index.global_descriptors[rows] @ query_descriptor
@@ -363,6 +365,28 @@ class _QueryPredictor:
       return None
     return best['landmark_id'], verified_score(best['inliers'], best['first_stage'],
                                                config.min_inliers)
+
+  def _to_verify(self, proposals: List[Tuple[int, float]],
+                 query_descriptor: np.ndarray) -> List[Tuple[int, float]]:
+    """The first `--verify_top_k` proposals; if the first stage proposed fewer (the classifier
+    returns its top k), the index's other landmarks follow in the order of their nearest image to
+    the query, with first-stage confidence 0: so `--verify_top_k` can reach every landmark."""
+    chosen = proposals[:self.config.verify_top_k]
+    missing = self.config.verify_top_k - len(chosen)
+    index = self.verifier.index
+    if missing <= 0:
+      return chosen
+    proposed = {landmark for landmark, _ in chosen}
+    _, rows = index.global_search(query_descriptor,
+                                  min(index.num_images, 100 * self.config.verify_top_k))
+    for row in rows[0]:
+      landmark = index.landmark_of(int(row)) if row >= 0 else None
+      if landmark is not None and landmark not in proposed:
+        proposed.add(landmark)
+        chosen.append((landmark, 0.0))
+        if len(chosen) == self.config.verify_top_k:
+          break
+    return chosen
 
   def _retrieval(self, features: Optional[LocalFeatures], query_descriptor: np.ndarray,
                  inliers_of: Dict[int, int]) -> List[str]:
