@@ -55,12 +55,11 @@ from tf_landmarks import records
 
 NAMESPACE = 'tf_landmarks.build_records'
 _WORK = 'beam'  # Folder under the build's staging folder for the pipeline's input and outputs.
-# Runners the Beam SDK knows under this name that run here, in local processes. DirectRunner is
-# run as the FnApiRunner: since Beam 2.6x DirectRunner first tries Prism, a Go binary it downloads
-# from GitHub on first use (no download is possible on machines without internet access, where it
-# falls back to the FnApiRunner anyway), and the FnApiRunner is what reads --direct_num_workers
+# Names of the DirectRunner, which runs here as the FnApiRunner: since Beam 2.6x DirectRunner first
+# tries Prism, a Go binary it downloads from GitHub on first use (without internet access its code
+# then falls back to the FnApiRunner anyway), and the FnApiRunner is what reads --direct_num_workers
 # and --direct_running_mode.
-_DIRECT_NAMES = ('direct', 'directrunner', 'switchingdirectrunner')
+_DIRECT_NAMES = ('direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner')
 
 
 def pipeline_options(flags: Sequence[str]) -> beam_options.PipelineOptions:
@@ -73,16 +72,36 @@ def pipeline_options(flags: Sequence[str]) -> beam_options.PipelineOptions:
     ingest.BuildError: an option with a value Beam rejects.
   """
   argv = ['--' + flag.strip().lstrip('-') for flag in flags or () if flag.strip()]
+  if not any(flag.startswith('--default_sdk_harness_log_level') for flag in argv):
+    # Worker processes (--direct_running_mode=multi_processing) log every connection at INFO, and
+    # warn about options they do not know; a worker's error still fails the pipeline, with its cause.
+    argv.append('--default_sdk_harness_log_level=ERROR')
   options = beam_options.PipelineOptions(argv)
   try:
     options.get_all_options(display_warnings=True)  # Parses every value, so bad ones show now.
   except SystemExit:  # argparse's way of rejecting a value; it has printed why on stderr.
     raise ingest.BuildError(f'--beam_pipeline_options: Beam rejects {",".join(argv)} (see above)') \
         from None
-  standard = options.view_as(beam_options.StandardOptions)
-  if standard.runner is None or standard.runner.lower() in _DIRECT_NAMES:
-    standard.runner = 'FnApiRunner'
   return options
+
+
+def _runner(options: beam_options.PipelineOptions):
+  """The FnApiRunner for DirectRunner (see _DIRECT_NAMES), else None: Beam picks the named runner.
+
+  Built as Beam's own DirectRunner builds it, with the options in its provision info: that is how
+  worker processes receive them (their log level, for one).
+  """
+  runner = options.view_as(beam_options.StandardOptions).runner
+  if runner is not None and runner.lower() not in _DIRECT_NAMES:
+    return None
+  # pylint: disable=g-import-not-at-top
+  from apache_beam.portability.api import beam_provision_api_pb2
+  from apache_beam.runners.portability import portable_runner
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  # pylint: enable=g-import-not-at-top
+  encoded = portable_runner.JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 class _PrepareImage(beam.DoFn):
@@ -214,7 +233,7 @@ def run_pipeline(config: ingest.BuildConfig, inputs: ingest.BuildInputs,
       workers' errors).
   """
   options = pipeline_options(config.beam_pipeline_options)
-  root = beam.Pipeline(options=options)
+  root = beam.Pipeline(runner=_runner(options), options=options)
   _add_build(root, config, inputs.image_dir, work_dir)
   try:
     result = root.run()
