@@ -236,7 +236,7 @@ def test_cli_runner_beam_prints_the_local_summary_and_inspect_records_passes(tmp
 @requires_beam
 @pytest.mark.slow
 def test_two_worker_processes_give_the_local_build(tmp_path):
-  """DirectRunner with 2 worker processes (~40 s: each worker imports TensorFlow)."""
+  """DirectRunner with 2 worker processes (~25 s: each worker imports TensorFlow and Beam)."""
   from tf_landmarks import synthetic
   world = tmp_path / 'world'
   synthetic.generate(str(world), synthetic.WorldSpec(

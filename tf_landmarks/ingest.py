@@ -14,6 +14,10 @@ The build runs in two phases so that the split sees only images that could actua
    complete.
 
 `manifest.json` is written last: a folder without it is an unfinished build.
+
+`--runner=beam` runs the same build as an Apache Beam pipeline (`tf_landmarks/ingest_beam.py`) from
+this module's pieces: `plan_split` (split and shard placement), `serialize_placement`,
+`ShardWriter` and `finish_build`, so both builders write the same bytes.
 """
 
 import collections
@@ -609,12 +613,15 @@ class ShardWriter:
   Each shard is written under a temporary name unique to this writer and renamed when complete:
   two attempts at the same shard (a retried Beam bundle, a backup worker) may then run at once, and
   since both write the same bytes, whichever rename comes last is right.
+
+  Args:
+    output_dir: the build folder.
+    split: the split.
+    resume: keep shards that already have their final name (a finished shard of an interrupted
+      build holds exactly these examples: the placement is deterministic).
   """
 
   def __init__(self, output_dir: str, split: str, resume: bool):
-    """Args: output_dir: the build folder; split: the split; resume: keep shards that already have
-    their final name (a finished shard of an interrupted build holds exactly these examples: the
-    placement is deterministic)."""
     self.split = split
     self.shards: List[dict] = []  # Manifest entries of the finished shards.
     self._output_dir = output_dir

@@ -249,8 +249,12 @@ def run_pipeline(config: ingest.BuildConfig, inputs: ingest.BuildInputs,
 
 
 def _read_lines(pattern: str) -> List[str]:
-  return [line for path in sorted(tf.io.gfile.glob(pattern))
-          for line in tf.io.gfile.GFile(path).read().splitlines() if line]
+  """The non-empty lines of the pipeline's text outputs matching `pattern`."""
+  lines = []
+  for path in sorted(tf.io.gfile.glob(pattern)):
+    with tf.io.gfile.GFile(path) as f:
+      lines += [line for line in f.read().splitlines() if line]
+  return lines
 
 
 def build(config: ingest.BuildConfig, inputs: ingest.BuildInputs) -> dict:
