@@ -10,10 +10,10 @@ all rows the split and shard placement (`ingest.plan_split`), and per shard the 
 local label map, TFDS metadata and manifest writer (`ingest.finish_build`). For the same inputs and
 settings, the shards are therefore byte-identical to the local build's.
 
-    rows.jsonl ─ReadFromText─Reshuffle─▶ prepare ─┬─ unusable ──────────────▶ skipped-*.jsonl
-                                                  ├─ (position, id, landmark) ─ToList─▶ plan ─┬▶ plan-*.json
-                                                  │                                 placements (AsDict)
-                                                  └─ images ─place (side input)─GroupByKey(shard)─▶ write shard ─▶ shards-*.jsonl
+    rows.jsonl ─ReadFromText─Reshuffle─▶ prepare ─┬─ unusable ───────────────────────────▶ unusable-*.jsonl
+                                                  ├─ (position, id, landmark) ─ToList─┬─ plan ─▶ plan-*.json
+                                                  │                                   └─ placements (AsDict)
+                                                  └─ images ─place─GroupByKey(shard)─write shard─▶ shards-*.jsonl
 
 Retried bundles: elements of a failed bundle are processed again and only the successful attempt's
 outputs count (Beam's model); the only side effect, writing a shard, goes through a temporary name
