@@ -145,7 +145,8 @@ def _predictions_dir(tmp_path) -> pathlib.Path:
   folder = tmp_path / 'predictions'
   folder.mkdir()
   (folder / 'predict.json').write_text(json.dumps(
-      {'format': 'tf-landmarks predictions v1', 'records_dir': records_dir}))
+      {'format': 'tf-landmarks predictions v1', 'records_dir': records_dir, 'finished': True,
+       'settings': {'first_stage': 'classifier'}}))
   (folder / 'recognition.csv').write_text(VERIFIED)
   (folder / 'recognition_unverified.csv').write_text(UNVERIFIED)
   (folder / 'retrieval.csv').write_text(RETRIEVAL)
@@ -197,7 +198,7 @@ def test_cli_scores_a_predictions_folder_and_writes_the_report(tmp_path):
   assert result.returncode == 0, result.stderr
   # Verified: qa ✓ .9, qd ✓ .8, qb ✗ .7 → (1 + 1) / 3.
   # First stage: qc ✗ .9, qb ✗ .6, qa ✓ .5, qd ✗ .4 → (1/3) / 3.
-  assert 'recognition GAP: first stage only 0.1111 → verified 0.6667' in result.stdout
+  assert 'recognition GAP: first stage (classifier) only 0.1111 → verified 0.6667' in result.stdout
   assert 'retrieval: mAP@100 0.5000' in result.stdout  # qa 1, qb 1/2, qd 0.
   scores = json.loads((tmp_path / 's.json').read_text())
   assert scores['recognition']['gap'] == pytest.approx(2 / 3)

@@ -84,8 +84,9 @@ class PredictError(errors.UserError):
 class PredictConfig:
   """Everything `predict` needs; `tfl-predict` defines one flag per field."""
   export: Optional[str] = setting(
-      None, 'The export (tfl-export): classifier SavedModel, index and local-feature extractor.',
-      required=True)
+      None, 'The export (tfl-export): classifier SavedModel, index and local-feature extractor. '
+      'Verification uses the local features its index was built with (tfl-build-index '
+      '--local_features=delf|sift).', required=True)
   output_dir: Optional[str] = setting(
       None, 'Where the submissions, predictions.jsonl, predict.log and predict.json go.',
       required=True, runtime=True)
@@ -123,8 +124,9 @@ class PredictConfig:
                                       lower=0.01)
   retrieval_depth: int = setting(100, 'Index images listed per query in retrieval.csv (Kaggle '
                                  'scores 100).', lower=1, upper=submission.RETRIEVAL_DEPTH)
-  rerank: int = setting(20, 'Of those, the nearest this many are verified and re-ranked by '
-                        'inliers (0: global descriptors only).', lower=0)
+  rerank: int = setting(20, 'Retrieval: of the --retrieval_depth nearest index images, this many '
+                        'are verified and re-ranked by inliers (0: global descriptors only).',
+                        lower=0)
   batch_size: int = setting(32, 'Queries classified per batch.', lower=1, runtime=True)
   overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
                             'with other settings.', runtime=True)

@@ -267,19 +267,21 @@ class PredictionsFolder:
     unverified_recognition: `recognition_unverified.csv`, the same queries before local-feature
       verification (first stage only).
     retrieval: `retrieval.csv`.
+    first_stage: what proposed the landmarks (classifier, knn or both), from predict.json.
   """
   path: str
   records_dir: Optional[str]
   recognition: Optional[str]
   unverified_recognition: Optional[str]
   retrieval: Optional[str]
+  first_stage: Optional[str] = None
 
 
 def open_predictions_folder(path: str) -> PredictionsFolder:
   """Checks predict.json of a prediction folder and finds its submission files.
 
   Raises:
-    SubmissionError: no predict.json, or one of another format.
+    SubmissionError: no predict.json, one of another format, or an unfinished run.
   """
   manifest_path = files.join(path, PREDICTIONS_JSON)
   if not tf.io.gfile.exists(manifest_path):
@@ -291,8 +293,13 @@ def open_predictions_folder(path: str) -> PredictionsFolder:
     candidate = files.join(path, name)
     return candidate if tf.io.gfile.exists(candidate) else None
 
+  if manifest.get('finished') is not True:
+    raise SubmissionError(f'{path} holds an unfinished prediction run; rerun the same tfl-predict '
+                          'command to finish it')
   records_dir = manifest.get('records_dir')
+  first_stage = (manifest.get('settings') or {}).get('first_stage')
   return PredictionsFolder(
+      first_stage=first_stage if isinstance(first_stage, str) else None,
       path=path, records_dir=records_dir if isinstance(records_dir, str) and records_dir else None,
       recognition=present('recognition.csv'),
       unverified_recognition=present('recognition_unverified.csv'),

@@ -138,8 +138,10 @@ def main() -> int:
     if unverified_path:
       unverified = submission.read_recognition_submission(unverified_path, recognition_truth)
       sources.append(('first-stage recognition submission', unverified_path))
+      stage = f'first stage ({folder.first_stage}) only' if folder and folder.first_stage \
+          else 'first stage only'
       scores['recognition_first_stage'] = _print_recognition(
-          'recognition, first stage only',
+          f'recognition, {stage}',
           submission.score_recognition(unverified, recognition_truth),
           submission.per_class_recognition(unverified, recognition_truth))
     scores['recognition'] = _print_recognition(
@@ -147,7 +149,7 @@ def main() -> int:
         submission.per_class_recognition(recognition, recognition_truth))
     if unverified_path:
       before, after = scores['recognition_first_stage'], scores['recognition']
-      print(f'recognition GAP: first stage only {before["gap"]:.4f} → verified '
+      print(f'recognition GAP: {stage} {before["gap"]:.4f} → verified '
             f'{after["gap"]:.4f} (landmark queries only {before["gap_landmark_queries_only"]:.4f} '
             f'→ {after["gap_landmark_queries_only"]:.4f})')
   retrieval_truth = rankings = None
