@@ -178,6 +178,20 @@ def test_the_fnapi_runner_fails_the_pipeline_and_a_rerun_gives_the_same_build(tm
   _assert_same_build(local_config.output_dir, beam_config.output_dir)
 
 
+@requires_beam
+def test_no_usable_image_is_the_local_builds_error(tmp_path):
+  write_dataset(tmp_path, GOOD_ROWS[:4])
+  for path in (tmp_path / 'images').iterdir():
+    path.write_bytes(b'<html>not found</html>')
+  messages = []
+  for runner in ('local', 'beam'):
+    with pytest.raises(ingest.BuildError) as error:
+      ingest.build_records(config_for(tmp_path, output_dir=str(tmp_path / runner), runner=runner))
+    messages.append(str(error.value))
+  assert messages[1] == messages[0] == ("none of the 4 train images could be used: "
+                                        "{'not a readable image': 4}")
+
+
 def test_runner_beam_without_apache_beam_is_a_one_line_error(tmp_path, monkeypatch):
   write_dataset(tmp_path, GOOD_ROWS)
   monkeypatch.setitem(sys.modules, 'apache_beam', None)  # Makes `import apache_beam` fail.
