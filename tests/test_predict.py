@@ -177,6 +177,10 @@ def test_a_rerun_continues_an_interrupted_journal_and_gives_the_same_files(world
   lines = open(predicted / 'predictions.jsonl', 'rb').read().splitlines(keepends=True)
   # Five whole lines, then half a line: a process killed while writing.
   (output_dir / 'predictions.jsonl').write_bytes(b''.join(lines[:5]) + lines[5][:20])
+  assert len(predict.Journal(str(output_dir / 'predictions.jsonl')).entries) == 5
+  # A whole line that is not an entry ends the journal there too.
+  (output_dir / 'predictions.jsonl').write_bytes(b''.join(lines[:5]) + b'{"id": "x"}\n' +
+                                                 b''.join(lines[5:]))
   for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
     (output_dir / name).unlink()
   _predict(world, output_dir)

@@ -409,11 +409,15 @@ class _QueryPredictor:
 # --- The journal -----------------------------------------------------------------------------
 
 
+_ENTRY_KEYS = {'id', 'status', 'prediction', 'unverified', 'candidates', 'retrieval', 'seconds',
+               'timing'}
+
+
 class Journal:
   """predictions.jsonl: one line per finished query, flushed as written, read back on a re-run.
 
-  A line cut short by a kill is dropped (and the file truncated after the last whole line), so a
-  re-run redoes exactly the queries whose lines are not complete.
+  A line cut short by a kill (or otherwise not a whole entry) ends what is read: the file is
+  truncated after the last whole line, so a re-run redoes exactly the queries after it.
   """
 
   def __init__(self, path: str):
@@ -428,7 +432,8 @@ class Journal:
           entry = json.loads(line)
         except ValueError:
           break
-        if not line.endswith(b'\n') or not isinstance(entry, dict) or 'id' not in entry:
+        if not line.endswith(b'\n') or not isinstance(entry, dict) or \
+            not _ENTRY_KEYS <= set(entry):
           break
         self.entries[entry['id']] = entry
         good_length += len(line)
