@@ -17,7 +17,7 @@ from tf_landmarks import export
 from tf_landmarks import predict
 from tf_landmarks import submission
 from tf_landmarks.local_features import index as index_lib
-from helpers import REPO, trained_world
+from helpers import REAL_DATA, REPO, requires_real_data, trained_world
 
 BIN = REPO / '.venv' / 'bin'
 
@@ -250,3 +250,35 @@ def test_draw_match_pictures_a_query_against_its_verified_index_image(world, pre
   with Image.open(png) as picture:
     assert picture.width > picture.height > 64
   assert predict.draw_match(str(predicted), 'nosuchquery00000', 1, str(tmp_path / 'x.png')) is None
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_real_photos_are_recognised_by_sift_verification_of_every_landmark(tmp_path):
+  """The real set with a classifier that cannot know real photos: verification recognises."""
+  from tf_landmarks import data  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import ingest  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import train  # pylint: disable=g-import-not-at-top
+  ingest.build_records(ingest.BuildConfig(
+      output_dir=str(tmp_path / 'records'), train_csv=str(REAL_DATA / 'train.csv'),
+      test_csv=str(REAL_DATA / 'test.csv'), image_dir=str(REAL_DATA / 'images'),
+      validation_fraction=0.1, singletons='duplicate', max_image_size=640, num_workers=2,
+      progress=False))
+  train.train(train.TrainConfig(records_dir=str(tmp_path / 'records'),
+                                workdir=str(tmp_path / 'classifier'), backbone='tiny',
+                                weights='none', head='softmax', batch_size=16, epochs=5,
+                                optimizer='adam', learning_rate=0.003, progress=False),
+              data.InputConfig(image_size=96))
+  index_lib.build_index(index_lib.IndexConfig(
+      run=str(tmp_path / 'classifier'), local_features='sift', split='train+validation',
+      output_dir=str(tmp_path / 'index'), progress=False))
+  export.export(export.ExportConfig(run=str(tmp_path / 'classifier'),
+                                    index=str(tmp_path / 'index'),
+                                    output_dir=str(tmp_path / 'export')))
+  predict.predict(predict.PredictConfig(
+      export=str(tmp_path / 'export'), output_dir=str(tmp_path / 'predictions'),
+      test_csv=str(REAL_DATA / 'test.csv'), image_dir=str(REAL_DATA / 'images'),
+      verify_top_k=8, progress=False))
+  scores = _scores({'world': str(REAL_DATA)}, tmp_path / 'predictions')
+  assert scores['recognition']['gap'] > 0.7, scores
+  assert scores['recognition']['gap'] > scores['recognition_unverified']['gap'] + 0.3, scores
