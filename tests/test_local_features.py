@@ -419,7 +419,7 @@ def test_sift_separates_same_landmark_pairs_on_a_small_synthetic_world(small_wor
 
 
 def run_evaluate(*args):
-  return subprocess.run([sys.executable, '-m', 'tf_landmarks.local_features.evaluate', *args],
+  return subprocess.run([sys.executable, '-m', 'tf_landmarks.cli.evaluate_pairs', *args],
                         cwd=REPO, capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
 
@@ -434,7 +434,7 @@ def test_the_command_prints_distributions_and_aucs_and_fails_in_one_line(small_w
   assert 'accepted at >=  10 inliers' in done.stdout
   failed = run_evaluate(f'--data_dir={tmp_path}')
   assert failed.returncode == 2
-  assert failed.stderr.strip().splitlines()[-1].startswith('evaluate.py: error: ')
+  assert failed.stderr.strip().splitlines()[-1].startswith('evaluate_pairs.py: error: ')
   assert 'Traceback' not in failed.stderr
 
 

@@ -17,10 +17,7 @@ The headline AUC is same_landmark against both negative kinds; query_same_landma
 as a recognition query would be) is reported beside it. Kinds with more pairs than
 --max_pairs_per_kind are sampled with --seed.
 
-Usage:
-  .venv/bin/python -m tf_landmarks.local_features.evaluate --backend=sift --data_dir=/tmp/lf_synth
-  .venv/bin/python -m tf_landmarks.local_features.evaluate --backend=sift \
-      --data_dir=../shared/data/landmarks-real --max_pairs_per_kind=0
+The command: `python -m tf_landmarks.cli.evaluate_pairs` (tf_landmarks/cli/evaluate_pairs.py).
 """
 
 import csv
@@ -31,7 +28,6 @@ import itertools
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from absl import flags
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tensorflow as tf
@@ -328,63 +324,38 @@ def report_lines(scores: Mapping[str, np.ndarray],
   return lines
 
 
-def _define_flags() -> None:
-  """The command's flags, defined only when it runs: importing this module (as the tests and the
-  prediction code do) must not claim flag names such as --seed in the global registry."""
-  flags.DEFINE_enum('backend', 'sift', sorted(BACKENDS), 'Local-feature backend.')
-  flags.DEFINE_string('delf_run', None, 'For --backend=delf: a run of tfl-train --mode=delf.')
-  flags.DEFINE_string('data_dir', None, 'Folder in the Google Landmarks layout (train.csv, '
-                      'test.csv, recognition_solution.csv, images/).', required=True)
-  flags.DEFINE_integer('max_features', 1000, 'Features per image.', lower_bound=1)
-  flags.DEFINE_integer('max_side', 0, 'Downscale larger images to this longer side before '
-                       'extraction; 0: never.', lower_bound=0)
-  flags.DEFINE_float('ratio', 0.8, "Lowe's ratio test; 0: off.", lower_bound=0, upper_bound=1)
-  flags.DEFINE_float('max_distance', 0, 'Descriptor distance bound; 0: none.', lower_bound=0)
-  flags.DEFINE_boolean('mutual', True, 'Keep only mutual nearest neighbours.')
-  flags.DEFINE_float('residual_threshold', 10.0, 'RANSAC inlier distance in pixels.',
-                     lower_bound=0.1)
-  flags.DEFINE_integer('max_trials', 1000, 'RANSAC trials.', lower_bound=1)
-  flags.DEFINE_enum('method', 'ransac', sorted(ransac.METHODS), 'Robust fit.')
-  flags.DEFINE_integer('max_pairs_per_kind', 2000, 'Sample each pair kind down to this many '
-                       'pairs; 0: all.', lower_bound=0)
-  flags.DEFINE_integer('seed', 0, 'Seed of the pair sampling and of RANSAC.')
-  flags.DEFINE_multi_integer('inlier_threshold', [6, 8, 10, 15, 20], 'Report the share of pairs '
-                             'accepted at this many inliers (repeat the flag for several).')
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The inlier counts of every pair kind of a folder, and what could not be used.
+
+  Attributes:
+    scores: pair kind → inlier counts of its usable pairs.
+    skipped_rows: CSV rows that could not be used.
+    failures: image id → why it could not be read.
+  """
+  scores: Dict[str, np.ndarray]
+  skipped_rows: int
+  failures: Mapping[str, str]
 
 
-def main() -> int:
-  """Evaluates --backend on --data_dir and prints the distributions and AUCs; returns 0."""
-  config = flags.FLAGS
-  pairs, skipped_rows = make_pairs(config.data_dir, config.max_pairs_per_kind, config.seed)
-  backend_fn = BACKENDS[config.backend](config.max_features, config.max_side or None,
-                                        config.delf_run)
-  settings = VerifySettings(ratio=config.ratio or None, max_distance=config.max_distance or None,
-                            mutual=config.mutual, residual_threshold=config.residual_threshold,
-                            max_trials=config.max_trials, method=config.method, seed=config.seed)
+def evaluate_folder(data_dir: str, backend_fn: FeatureFn, settings: VerifySettings,
+                    max_pairs_per_kind: int, seed: int) -> Evaluation:
+  """Scores every pair kind of `data_dir` (see the module docstring) with one backend.
+
+  Raises:
+    EvaluationError: the folder is unusable, or it gives no positive or no negative pairs.
+  """
+  pairs, skipped_rows = make_pairs(data_dir, max_pairs_per_kind, seed)
   kinds = list(pairs)
-  everything = [pair for kind in kinds for pair in pairs[kind]]
-  result = pair_scores(backend_fn, everything, settings=settings)
+  result = pair_scores(backend_fn, [pair for kind in kinds for pair in pairs[kind]],
+                       settings=settings)
   scores, start = {}, 0
   for kind in kinds:
     stop = start + len(pairs[kind])
     scores[kind] = result.inliers[start:stop][result.valid[start:stop]]
     start = stop
-  print(f'{config.data_dir}: backend {config.backend}, {config.max_features} features, ratio '
-        f'{settings.ratio}, distance bound {settings.max_distance}, mutual {settings.mutual}, '
-        f'{settings.method} {settings.residual_threshold:g} px / {settings.max_trials} trials')
-  for line in report_lines(scores, config.inlier_threshold):
-    print(line)
-  if skipped_rows or result.failures:
-    example = next(iter(result.failures.items()), None)
-    print(f'skipped: {skipped_rows} unusable CSV rows, {len(result.failures)} unreadable images'
-          + (f' (e.g. {example[0]}: {example[1]})' if example else ''))
+  evaluation = Evaluation(scores, skipped_rows, result.failures)
   if not any(len(scores[kind]) for kind in POSITIVE_KINDS) or \
       not any(len(scores[kind]) for kind in NEGATIVE_KINDS):
-    raise EvaluationError(f'{config.data_dir}: no positive or no negative pairs to compare')
-  return 0
-
-
-if __name__ == '__main__':
-  from tf_landmarks.cli import common  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  common.run(main)
+    raise EvaluationError(f'{data_dir}: no positive or no negative pairs to compare')
+  return evaluation
