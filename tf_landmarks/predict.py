@@ -66,12 +66,14 @@ from tf_landmarks.local_features import index as index_lib
 from tf_landmarks.local_features import sift
 from tf_landmarks.settings import setting
 
-FORMAT = 'tf-landmarks predictions v1'
-PREDICT_JSON = 'predict.json'
+# The folder's format, predict.json and the submissions' names belong to submission.py, which reads
+# them back; the journal and the log are this module's own.
+FORMAT = submission.PREDICTIONS_FORMAT
+PREDICT_JSON = submission.PREDICTIONS_JSON
+RECOGNITION_CSV = submission.RECOGNITION_CSV
+UNVERIFIED_CSV = submission.UNVERIFIED_RECOGNITION_CSV
+RETRIEVAL_CSV = submission.RETRIEVAL_CSV
 JOURNAL = 'predictions.jsonl'
-RECOGNITION_CSV = 'recognition.csv'
-UNVERIFIED_CSV = 'recognition_unverified.csv'
-RETRIEVAL_CSV = 'retrieval.csv'
 LOG = 'predict.log'
 FIRST_STAGES = ('classifier', 'knn', 'both')
 

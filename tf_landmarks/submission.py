@@ -24,8 +24,12 @@ from tf_landmarks import metrics
 
 RETRIEVAL_DEPTH = 100
 _SHOWN_PROBLEMS = 5
+# The prediction command's output folder (tf_landmarks/predict.py writes it, this module reads it).
 PREDICTIONS_FORMAT = 'tf-landmarks predictions v1'
 PREDICTIONS_JSON = 'predict.json'
+RECOGNITION_CSV = 'recognition.csv'
+UNVERIFIED_RECOGNITION_CSV = 'recognition_unverified.csv'
+RETRIEVAL_CSV = 'retrieval.csv'
 
 Prediction = Optional[Tuple[int, float]]
 
@@ -301,6 +305,6 @@ def open_predictions_folder(path: str) -> PredictionsFolder:
   return PredictionsFolder(
       first_stage=first_stage if isinstance(first_stage, str) else None,
       path=path, records_dir=records_dir if isinstance(records_dir, str) and records_dir else None,
-      recognition=present('recognition.csv'),
-      unverified_recognition=present('recognition_unverified.csv'),
-      retrieval=present('retrieval.csv'))
+      recognition=present(RECOGNITION_CSV),
+      unverified_recognition=present(UNVERIFIED_RECOGNITION_CSV),
+      retrieval=present(RETRIEVAL_CSV))
