@@ -42,7 +42,7 @@ import dataclasses
 import datetime
 import json
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -194,8 +194,14 @@ def ranked(proposal: Dict[int, float]) -> List[Tuple[int, float]]:
 # --- Reading queries -------------------------------------------------------------------------
 
 
+# Reads the queries in order, as (image id, Query), preparing only those `wanted` accepts (the rest,
+# already predicted, come as (image id, None)): one pass, and a resumed run skips their images.
+QueryReader = Callable[[Callable[[str], bool]], Iterator[Tuple[str, Optional[Query]]]]
+
+
 def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
-                 min_side: int) -> Tuple[List[str], Iterator[Query]]:
+                 min_side: int) -> Tuple[int, QueryReader]:
+  """(number of queries, reader) of --test_csv and --image_dir."""
   if not config.image_dir:
     raise PredictError('--test_csv needs --image_dir, the folder of its images')
   if not tf.io.gfile.isdir(config.image_dir):
@@ -204,40 +210,46 @@ def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
   for row in skipped:
     print(f'{config.test_csv}: skipped line {row.line}: {row.reason}')
 
-  def read() -> Iterator[Query]:
+  def read(wanted):
     for row in rows:
+      if not wanted(row.image_id):
+        yield row.image_id, None
+        continue
       try:
         prepared = images_lib.prepare_image_file(
             ingest.image_paths(config.image_dir, row.image_id), max_side=max_side,
             jpeg_quality=jpeg_quality, min_side=min_side)
       except images_lib.ImageError as error:
-        yield Query(row.image_id, None, str(error))
+        yield row.image_id, Query(row.image_id, None, str(error))
         continue
-      yield Query(row.image_id, prepared.jpeg)
+      yield row.image_id, Query(row.image_id, prepared.jpeg)
 
-  return [row.image_id for row in rows], read()
+  return len(rows), read
 
 
-def _record_queries(records_dir: str) -> Tuple[List[str], Iterator[Query]]:
+def _record_queries(records_dir: str) -> Tuple[int, QueryReader]:
+  """(number of queries, reader) of the test split of a records folder."""
   try:
-    paths = records_lib.load(records_dir).files('test')
+    records = records_lib.load(records_dir)
   except records_lib.RecordsError as error:
     raise PredictError(f'the query records {records_dir}: {error}') from None
+  paths = records.files('test')
   if not paths:
     raise PredictError(f'{records_dir} has no test split; build it with tfl-build-records '
                        '--test_csv, or give --test_csv and --image_dir')
 
-  def examples():
+  def read(wanted):
     dataset = tf.data.TFRecordDataset(paths).map(schema.parse_example)
     try:
       for example in dataset:
-        yield example[schema.ID].numpy().decode(), example[schema.ENCODED].numpy()
+        image_id = example[schema.ID].numpy().decode()
+        yield image_id, (Query(image_id, example[schema.ENCODED].numpy())
+                         if wanted(image_id) else None)
     except tf.errors.DataLossError:
       raise PredictError(f'{records_lib.find_corrupt_shard(paths)} is corrupt or truncated; '
                          'rebuild the records') from None
 
-  ids = [image_id for image_id, _ in examples()]
-  return ids, (Query(image_id, jpeg) for image_id, jpeg in examples())
+  return records.num_examples('test'), read
 
 
 # --- Verification ----------------------------------------------------------------------------
@@ -531,10 +543,11 @@ def predict(config: PredictConfig) -> dict:
   build = records_lib.load_manifest(description['records_dir']).get('config', {}) \
       if tf.io.gfile.exists(files.join(description['records_dir'], records_lib.MANIFEST)) else {}
   if config.test_csv:
-    ids, queries = _csv_queries(config, classifier['max_image_side'],
-                                int(build.get('jpeg_quality', 90)), classifier['min_image_side'])
+    total, read_queries = _csv_queries(config, classifier['max_image_side'],
+                                       int(build.get('jpeg_quality', 90)),
+                                       classifier['min_image_side'])
   else:
-    ids, queries = _record_queries(config.test_records or description['records_dir'])
+    total, read_queries = _record_queries(config.test_records or description['records_dir'])
   fingerprint = _fingerprint(config, description)
   _prepare_output(config, fingerprint)
   meta = {'format': FORMAT, 'export': config.export, 'records_dir': description['records_dir'],
@@ -552,16 +565,22 @@ def predict(config: PredictConfig) -> dict:
   loaded = tf.saved_model.load(files.join(config.export, classifier['path']))
   serve = loaded.signatures[export_lib.SERVING_SIGNATURE]
   journal = Journal(files.join(config.output_dir, JOURNAL))
-  done = len(set(ids) & set(journal.entries))
+  done = len(journal.entries)
   if done:
-    print(f'resuming: {done} of {len(ids)} queries already predicted')
+    print(f'resuming: {done} of {total} queries already predicted')
   log_mode = 'a' if done else 'w'
-  pending = (query for query in queries if query.image_id not in journal.entries)
+  ids: List[str] = []  # Every query in order, for the submissions.
+
+  def pending() -> Iterator[Query]:
+    for image_id, query in read_queries(lambda image_id: image_id not in journal.entries):
+      ids.append(image_id)
+      if query is not None:
+        yield query
   try:
     with tf.io.gfile.GFile(files.join(config.output_dir, LOG), log_mode) as log, tqdm.tqdm(
-        total=len(ids), initial=done, unit='query', desc='predict',
+        total=total, initial=done, unit='query', desc='predict',
         disable=not config.progress) as bar:
-      for batch in _batches(pending, config.batch_size):
+      for batch in _batches(pending(), config.batch_size):
         usable = [query for query in batch if query.jpeg is not None]
         started = time.perf_counter()
         outputs = serve(images=tf.constant([query.jpeg for query in usable], tf.string)) \
