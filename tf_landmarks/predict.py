@@ -307,18 +307,27 @@ class _QueryPredictor:
     self.config = config
     self.verifier = verifier
 
-  def _first_stage(self, landmark_ids, scores, embedding, timing) -> Dict[int, float]:
+  def _first_stage(self, landmark_ids, scores, neighbours, timing) -> Dict[int, float]:
     classifier = {int(landmark): float(score)
                   for landmark, score in zip(landmark_ids, scores) if landmark >= 0}
-    if self.config.first_stage == 'classifier' or self.verifier is None:
+    if self.config.first_stage == 'classifier' or neighbours is None:
       return classifier
     started = time.perf_counter()
     index = self.verifier.index
-    similarities, rows = index.global_search(embedding, self.config.knn_k)
-    landmarks = np.array([index.landmark_of(row) if row >= 0 else -1 for row in rows[0]])
-    votes = knn_votes(similarities[0], landmarks)
+    similarities, rows = (part[:self.config.knn_k] for part in neighbours)
+    landmarks = np.array([index.landmark_of(row) if row >= 0 else -1 for row in rows])
+    votes = knn_votes(similarities, landmarks)
     timing['knn'] = time.perf_counter() - started
     return votes if self.config.first_stage == 'knn' else fuse(classifier, votes)
+
+  def _neighbours(self, embedding, timing) -> Tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of the query's nearest index images: one search that the knn stage,
+    the verification order and retrieval all read (each its own prefix)."""
+    started = time.perf_counter()
+    similarities, rows = self.verifier.index.global_search(
+        embedding, max(self.config.knn_k, self.config.retrieval_depth))
+    timing['search'] = time.perf_counter() - started
+    return similarities[0], rows[0]
 
   def __call__(self, query: Query, landmark_ids, scores, embedding, status: str,
                classify_seconds: float) -> dict:
@@ -328,10 +337,11 @@ class _QueryPredictor:
              'candidates': [], 'retrieval': []}
     if status != 'ok':
       return {**entry, 'seconds': classify_seconds, 'timing': timing}
-    proposals = ranked(self._first_stage(landmark_ids, scores, embedding, timing))
+    neighbours = self._neighbours(embedding, timing) if self.verifier is not None else None
+    proposals = ranked(self._first_stage(landmark_ids, scores, neighbours, timing))
     if proposals:
       entry['unverified'] = [proposals[0][0], proposals[0][1]]
-    verified = self._verify(query, proposals, embedding, entry, timing)
+    verified = self._verify(query, proposals, embedding, neighbours, entry, timing)
     if verified is not None:
       entry['prediction'] = list(verified)
     elif proposals and self.config.unverified_weight > 0:
@@ -339,7 +349,7 @@ class _QueryPredictor:
     timing['total'] = classify_seconds + time.perf_counter() - started
     return {**entry, 'seconds': timing['total'], 'timing': timing}
 
-  def _verify(self, query: Query, proposals, embedding, entry: dict,
+  def _verify(self, query: Query, proposals, embedding, neighbours, entry: dict,
               timing: dict) -> Optional[Tuple[int, float]]:
     if self.verifier is None:
       return None
@@ -353,7 +363,7 @@ class _QueryPredictor:
     inliers_of: Dict[int, int] = {}  # index row → inliers, shared with retrieval
     query_descriptor = np.asarray(embedding, np.float32)
     best = None
-    for landmark, first_stage in self._to_verify(proposals, query_descriptor):
+    for landmark, first_stage in self._to_verify(proposals, query_descriptor, neighbours[1]):
       rows = index.images_of(landmark)
       if len(rows):
         similarity = index.global_descriptors[rows] @ query_descriptor
@@ -375,40 +385,48 @@ class _QueryPredictor:
         best = candidate
     timing['verify'] = time.perf_counter() - started
     started = time.perf_counter()
-    entry['retrieval'] = self._retrieval(features, query_descriptor, inliers_of)
+    entry['retrieval'] = self._retrieval(features, neighbours[1][:config.retrieval_depth],
+                                         inliers_of)
     timing['retrieval'] = time.perf_counter() - started
     if best is None:
       return None
     return best['landmark_id'], verified_score(best['inliers'], best['first_stage'],
                                                config.min_inliers)
 
-  def _to_verify(self, proposals: List[Tuple[int, float]],
-                 query_descriptor: np.ndarray) -> List[Tuple[int, float]]:
+  def _to_verify(self, proposals: List[Tuple[int, float]], query_descriptor: np.ndarray,
+                 nearest_rows: np.ndarray) -> List[Tuple[int, float]]:
     """The first `--verify_top_k` proposals; if the first stage proposed fewer (the classifier
     returns its top k), the index's other landmarks follow in the order of their nearest image to
-    the query, with first-stage confidence 0: so `--verify_top_k` can reach every landmark."""
+    the query, with first-stage confidence 0: so `--verify_top_k` can reach every landmark.
+
+    `nearest_rows` (the query's search) usually names enough landmarks; only if not is the index
+    searched deeper, up to 100 images per landmark still wanted."""
     chosen = proposals[:self.config.verify_top_k]
-    missing = self.config.verify_top_k - len(chosen)
-    index = self.verifier.index
-    if missing <= 0:
+    if len(chosen) >= self.config.verify_top_k:
       return chosen
+    index = self.verifier.index
     proposed = {landmark for landmark, _ in chosen}
-    _, rows = index.global_search(query_descriptor,
-                                  min(index.num_images, 100 * self.config.verify_top_k))
-    for row in rows[0]:
-      landmark = index.landmark_of(int(row)) if row >= 0 else None
-      if landmark is not None and landmark not in proposed:
-        proposed.add(landmark)
-        chosen.append((landmark, 0.0))
-        if len(chosen) == self.config.verify_top_k:
-          break
+
+    def add_landmarks_of(rows) -> bool:
+      for row in rows:
+        landmark = index.landmark_of(int(row)) if row >= 0 else None
+        if landmark is not None and landmark not in proposed:
+          proposed.add(landmark)
+          chosen.append((landmark, 0.0))
+          if len(chosen) == self.config.verify_top_k:
+            return True
+      return False
+
+    depth = min(index.num_images, 100 * self.config.verify_top_k)
+    if not add_landmarks_of(nearest_rows) and len(nearest_rows) < depth:
+      # The deeper search starts with the same rows: their landmarks are already in `proposed`.
+      add_landmarks_of(index.global_search(query_descriptor, depth)[1][0])
     return chosen
 
-  def _retrieval(self, features: Optional[LocalFeatures], query_descriptor: np.ndarray,
+  def _retrieval(self, features: Optional[LocalFeatures], nearest_rows: np.ndarray,
                  inliers_of: Dict[int, int]) -> List[str]:
     index, config = self.verifier.index, self.config
-    _, rows = index.global_search(query_descriptor, config.retrieval_depth)
-    rows = [int(row) for row in rows[0] if row >= 0]
+    rows = [int(row) for row in nearest_rows if row >= 0]
     head = []
     for position, row in enumerate(rows[:config.rerank] if features is not None else ()):
       if row not in inliers_of:
@@ -416,7 +434,8 @@ class _QueryPredictor:
       if inliers_of[row] >= config.min_inliers:
         head.append((-inliers_of[row], position, row))
     promoted = [row for _, _, row in sorted(head)]
-    rest = [row for row in rows if row not in set(promoted)]
+    promoted_rows = set(promoted)
+    rest = [row for row in rows if row not in promoted_rows]
     return [index.image_id(row) for row in promoted + rest]
 
 
