@@ -40,6 +40,7 @@ build's `max_image_size`, JPEG-encoded), so local features of both live at the s
 import collections
 import dataclasses
 import datetime
+import functools
 import json
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -200,15 +201,13 @@ QueryReader = Callable[[Callable[[str], bool]], Iterator[Tuple[str, Optional[Que
 
 
 def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
-                 min_side: int) -> Tuple[int, QueryReader]:
-  """(number of queries, reader) of --test_csv and --image_dir."""
+                 min_side: int) -> Tuple[int, QueryReader, List[csv_io.SkippedRow]]:
+  """(number of queries, reader, unusable CSV rows) of --test_csv and --image_dir."""
   if not config.image_dir:
     raise PredictError('--test_csv needs --image_dir, the folder of its images')
   if not tf.io.gfile.isdir(config.image_dir):
     raise PredictError(f'--image_dir={config.image_dir} is not a folder')
   rows, skipped = csv_io.read_test_csv(config.test_csv)
-  for row in skipped:
-    print(f'{config.test_csv}: skipped line {row.line}: {row.reason}')
 
   def read(wanted):
     for row in rows:
@@ -224,11 +223,11 @@ def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
         continue
       yield row.image_id, Query(row.image_id, prepared.jpeg)
 
-  return len(rows), read
+  return len(rows), read, skipped
 
 
-def _record_queries(records_dir: str) -> Tuple[int, QueryReader]:
-  """(number of queries, reader) of the test split of a records folder."""
+def _record_queries(records_dir: str) -> Tuple[int, QueryReader, List[csv_io.SkippedRow]]:
+  """(number of queries, reader, no skipped rows) of the test split of a records folder."""
   try:
     records = records_lib.load(records_dir)
   except records_lib.RecordsError as error:
@@ -249,7 +248,19 @@ def _record_queries(records_dir: str) -> Tuple[int, QueryReader]:
       raise PredictError(f'{records_lib.find_corrupt_shard(paths)} is corrupt or truncated; '
                          'rebuild the records') from None
 
-  return records.num_examples('test'), read
+  return records.num_examples('test'), read, []
+
+
+def _query_reader(config: PredictConfig,
+                  description: dict) -> Tuple[int, QueryReader, List[csv_io.SkippedRow]]:
+  """The queries `config` names, prepared as the export's records build prepared its images."""
+  if not config.test_csv:
+    return _record_queries(config.test_records or description['records_dir'])
+  classifier = description['classifier']
+  build = records_lib.load_manifest(description['records_dir']).get('config', {}) \
+      if tf.io.gfile.exists(files.join(description['records_dir'], records_lib.MANIFEST)) else {}
+  return _csv_queries(config, classifier['max_image_side'], int(build.get('jpeg_quality', 90)),
+                      classifier['min_image_side'])
 
 
 # --- Verification ----------------------------------------------------------------------------
@@ -558,15 +569,9 @@ def predict(config: PredictConfig) -> dict:
   if not config.export or not config.output_dir:
     raise PredictError('give --export=<tfl-export folder> and --output_dir')
   description = export_lib.read_export(config.export)
-  classifier = description['classifier']
-  build = records_lib.load_manifest(description['records_dir']).get('config', {}) \
-      if tf.io.gfile.exists(files.join(description['records_dir'], records_lib.MANIFEST)) else {}
-  if config.test_csv:
-    total, read_queries = _csv_queries(config, classifier['max_image_side'],
-                                       int(build.get('jpeg_quality', 90)),
-                                       classifier['min_image_side'])
-  else:
-    total, read_queries = _record_queries(config.test_records or description['records_dir'])
+  total, read_queries, skipped = _query_reader(config, description)
+  for row in skipped:
+    print(f'{config.test_csv}: skipped line {row.line}: {row.reason}')
   fingerprint = _fingerprint(config, description)
   _prepare_output(config, fingerprint)
   meta = {'format': FORMAT, 'export': config.export, 'records_dir': description['records_dir'],
@@ -581,7 +586,7 @@ def predict(config: PredictConfig) -> dict:
   if verifier is None and config.first_stage != 'classifier':
     raise PredictError(f'--first_stage={config.first_stage} needs an index in the export')
   predictor = _QueryPredictor(config, verifier)
-  loaded = tf.saved_model.load(files.join(config.export, classifier['path']))
+  loaded = tf.saved_model.load(files.join(config.export, description['classifier']['path']))
   serve = loaded.signatures[export_lib.SERVING_SIGNATURE]
   journal = Journal(files.join(config.output_dir, JOURNAL))
   done = len(journal.entries)
@@ -674,12 +679,39 @@ def _stored_image(records_dir: str, splits: Sequence[str], image_id: str) -> Opt
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Predicted:
+  """A finished prediction folder opened for drawing: its journal, export, verifier, queries."""
+  entries: Dict[str, dict]
+  verifier: Verifier
+  read_queries: QueryReader
+
+
+@functools.lru_cache(maxsize=2)
+def _open_predicted(predictions_dir: str, meta_text: str) -> Optional[_Predicted]:
+  """Opens the folder once per report (keyed by predict.json's text, so a new run reopens it):
+  loading the export's index and DELF model for every picture would cost more than drawing."""
+  meta = json.loads(meta_text)
+  if not all(isinstance(meta.get(key), dict) for key in ('settings', 'queries')) or \
+      not meta.get('export'):
+    return None
+  description = export_lib.read_export(meta['export'])
+  names = {field.name for field in dataclasses.fields(PredictConfig)}
+  config = PredictConfig(**{key: value for key, value in meta['settings'].items() if key in names})
+  verifier = open_verifier(meta['export'], description, config)
+  if verifier is None:
+    return None
+  return _Predicted(Journal(files.join(predictions_dir, JOURNAL)).entries, verifier,
+                    _query_reader(config, description)[1])
+
+
 def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
                png_path: str) -> Optional[str]:
   """Draws the query next to the index image of `landmark_id` it was verified against.
 
   For the report's worst mistakes: the index image is the one recorded for that landmark in the
-  query's journal entry, or the landmark's first index image if it was not verified.
+  query's journal entry, or the landmark's first index image if it was not verified. The folder's
+  export and index are opened once for all the pictures of one folder.
 
   Args:
     predictions_dir: a finished `predict` output folder.
@@ -691,47 +723,31 @@ def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
     A caption ("<inliers> inliers / <matches> matches with index image <id>"), or None when the
     query, its image or the index image cannot be found.
   """
-  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
-                                   'predictions', 'predict again', PredictError)
-  entry = Journal(files.join(predictions_dir, JOURNAL)).entries.get(query_id)
-  if entry is None or entry.get('status') != 'ok' or not all(
-      isinstance(meta.get(key), dict) for key in ('settings', 'queries')) or not meta.get('export'):
+  meta_path = files.join(predictions_dir, PREDICT_JSON)
+  files.read_versioned_json(meta_path, FORMAT, 'predictions', 'predict again', PredictError)
+  with tf.io.gfile.GFile(meta_path) as f:
+    predicted = _open_predicted(predictions_dir, f.read())
+  entry = predicted.entries.get(query_id) if predicted else None
+  if entry is None or entry.get('status') != 'ok':
     return None
-  description = export_lib.read_export(meta['export'])
-  config = PredictConfig(**{key: value for key, value in meta['settings'].items()
-                            if key in {field.name for field in dataclasses.fields(PredictConfig)}})
-  verifier = open_verifier(meta['export'], description, config)
-  if verifier is None:
+  index = predicted.verifier.index
+  rows = index.images_of(landmark_id)
+  recorded = next((candidate['index_image'] for candidate in entry['candidates']
+                   if candidate['landmark_id'] == landmark_id and candidate['index_image']), None)
+  row = next((int(r) for r in rows if index.image_id(int(r)) == recorded),
+             int(rows[0]) if len(rows) and recorded is None else None)
+  if row is None:
     return None
-  index_image = next((candidate['index_image'] for candidate in entry['candidates']
-                      if candidate['landmark_id'] == landmark_id and candidate['index_image']),
-                     None)
-  if index_image is None:
-    rows = verifier.index.images_of(landmark_id)
-    if not len(rows):
-      return None
-    index_image = verifier.index.image_id(int(rows[0]))
-  row = next((r for r in verifier.index.images_of(landmark_id)
-              if verifier.index.image_id(int(r)) == index_image), None)
-  queries = meta['queries']
-  if queries['test_csv']:
-    try:
-      prepared = images_lib.prepare_image_file(
-          ingest.image_paths(queries['image_dir'], query_id),
-          max_side=description['classifier']['max_image_side'], jpeg_quality=90)
-    except images_lib.ImageError:
-      return None
-    query_image = tf.io.decode_jpeg(prepared.jpeg, channels=3).numpy()
-  else:
-    query_image = _stored_image(queries['test_records'], ('test',), query_id)
-  index_picture = _stored_image(verifier.index.metadata['records_dir'],
-                                verifier.index.metadata['splits'], index_image)
-  if query_image is None or index_picture is None or row is None:
+  query = next((query for _, query in predicted.read_queries(lambda i: i == query_id)
+                if query is not None), None)
+  index_picture = _stored_image(index.metadata['records_dir'], index.metadata['splits'],
+                                index.image_id(row))
+  if query is None or query.jpeg is None or index_picture is None:
     return None
-  query_features = verifier.extract(query_image)
-  matches, verification = verifier.verify(query_features, int(row))
-  draw.draw_matches(query_image, index_picture, query_features,
-                    verifier.index.local_features(int(row)), matches, verification.inlier_mask,
-                    png_path)
+  query_image = tf.io.decode_jpeg(query.jpeg, channels=3).numpy()
+  query_features = predicted.verifier.extract(query_image)
+  matches, verification = predicted.verifier.verify(query_features, row)
+  draw.draw_matches(query_image, index_picture, query_features, index.local_features(row),
+                    matches, verification.inlier_mask, png_path)
   return (f'{verification.num_inliers} inliers / {len(matches)} matches with index image '
-          f'{index_image} (landmark {landmark_id})')
+          f'{index.image_id(row)} (landmark {landmark_id})')
