@@ -31,6 +31,8 @@ build's `min_image_side` (a 1×1 image) are refused after decoding. Each refused
 reason in `status`.
 """
 
+import base64
+import binascii
 import dataclasses
 import datetime
 import json
@@ -290,9 +292,6 @@ def rest_body_to_inputs(body: Mapping[str, Any], input_names: Sequence[str]) -> 
     ValueError: a body TF Serving would refuse (no instances, an instance missing an input, bad
       base64).
   """
-  import base64  # pylint: disable=g-import-not-at-top
-  import binascii  # pylint: disable=g-import-not-at-top
-
   instances = body.get('instances') if isinstance(body, Mapping) else None
   if not isinstance(instances, list) or not instances:
     raise ValueError('the body needs a non-empty "instances" list')
@@ -331,7 +330,7 @@ def _copy_tree(source: str, target: str) -> None:
       tf.io.gfile.copy(files.join(folder, name), files.join(destination, name), overwrite=True)
 
 
-def _resolve_index(config: ExportConfig) -> Optional[index_lib.Index]:
+def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[index_lib.Index]:
   if config.index == 'none':
     return None
   path = config.index or files.join(config.run, 'index')
@@ -339,7 +338,7 @@ def _resolve_index(config: ExportConfig) -> Optional[index_lib.Index]:
     return None
   opened = index_lib.Index(path)
   expected = opened.metadata.get('run_model_sha256')
-  if expected != csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE)):
+  if expected != model_sha256:
     raise ExportError(f'the index {path} was built from another model than '
                       f'{config.run}/model.keras (its global descriptors would not match); '
                       f'rebuild it with tfl-build-index --run={config.run}')
@@ -368,7 +367,8 @@ def export(config: ExportConfig) -> dict:
     raise ExportError(f'{config.run}/{records_lib.LABEL_MAP} lists {len(label_map)} classes, the '
                       f'run was trained on {run["num_classes"]}; train the run again')
   build = records_lib.load_manifest(run['records_dir']).get('config', {})
-  opened_index = _resolve_index(config)
+  model_sha256 = csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE))
+  opened_index = _resolve_index(config, model_sha256)
   backend = opened_index.metadata['local']['backend'] if opened_index else None
   delf_run = config.delf_run
   if backend == 'delf':
@@ -408,7 +408,7 @@ def export(config: ExportConfig) -> dict:
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'classifier': {
           'path': f'{CLASSIFIER_DIR}/{VERSION}', 'run': config.run,
-          'run_model_sha256': csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE)),
+          'run_model_sha256': model_sha256,
           'backbone': run['backbone'], 'head': run.get('head'), 'image_size': run['image_size'],
           'num_classes': run['num_classes'], 'top_k': min(config.top_k, run['num_classes']),
           'signatures': {
