@@ -150,19 +150,12 @@ def trained_world(root, backend: str = 'sift', num_landmarks: int = 5,
     Paths: 'world' (the CSVs and images), 'records', 'classifier', 'delf' (or None), 'index'.
   """
   from tf_landmarks import data  # pylint: disable=g-import-not-at-top
-  from tf_landmarks import synthetic  # pylint: disable=g-import-not-at-top
   from tf_landmarks import train  # pylint: disable=g-import-not-at-top
   from tf_landmarks.local_features import index  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   world = root / 'world'
-  synthetic.generate(str(world), synthetic.WorldSpec(
-      seed=5, num_landmarks=num_landmarks, num_unseen_landmarks=1,
-      num_train_images=num_train_images, num_test_images=num_test_images, image_size=128))
-  ingest.build_records(ingest.BuildConfig(
-      output_dir=str(root / 'records'), train_csv=str(world / 'train.csv'),
-      test_csv=str(world / 'test.csv'), image_dir=str(world / 'images'),
-      validation_fraction=0.2, max_image_size=128, examples_per_shard=32, num_workers=1,
-      progress=False))
+  synthetic_records(root, num_landmarks, num_train_images, num_test_images,
+                    examples_per_shard=32, max_image_size=128, test_csv=str(world / 'test.csv'))
 
   def run(name, **overrides):
     settings = dict(records_dir=str(root / 'records'), workdir=str(root / name), backbone='tiny',
