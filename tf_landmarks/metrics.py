@@ -62,6 +62,33 @@ def gap(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Tru
     ValueError: a predicted id is not in `truth`, a confidence is not a finite number, a prediction
       is not a (label, confidence) pair, or no query of `truth` has a landmark (GAP is undefined).
   """
+  ranking = gap_ranking(predictions, truth,
+                        count_non_landmark_predictions=count_non_landmark_predictions)
+  return float(ranking.precision[ranking.is_correct].sum() / ranking.num_landmark_queries)
+
+
+@dataclasses.dataclass(frozen=True)
+class GapRanking:
+  """The ranking GAP is computed from, as a precision–recall curve.
+
+  Attributes:
+    precision: float [N], precision of the first i + 1 ranked predictions.
+    recall: float [N], correct predictions among them over the landmark queries.
+    is_correct: bool [N], whether ranked prediction i names a landmark of its query.
+    num_landmark_queries: M, the queries whose ground truth has a landmark.
+  """
+  precision: np.ndarray
+  recall: np.ndarray
+  is_correct: np.ndarray
+  num_landmark_queries: int
+
+
+def gap_ranking(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Truth], *,
+                count_non_landmark_predictions: bool = True) -> GapRanking:
+  """The predictions ranked as `gap` ranks them, with precision and recall at each rank.
+
+  Arguments and errors as `gap`, whose value is Σ precision[is_correct] / num_landmark_queries.
+  """
   _check_known_ids('predicted query', predictions, truth)
   num_landmark_queries = sum(1 for labels in truth.values() if _label_set(labels))
   if num_landmark_queries == 0:
@@ -80,13 +107,11 @@ def gap(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Tru
       continue
     ranked.append((confidence, label in relevant))
   ranked.sort(key=lambda entry: -entry[0])
-  correct_so_far = 0
-  total = 0.0
-  for rank, (_, is_correct) in enumerate(ranked, start=1):
-    if is_correct:
-      correct_so_far += 1
-      total += correct_so_far / rank
-  return total / num_landmark_queries
+  is_correct = np.array([correct for _, correct in ranked], bool)
+  correct_so_far = np.cumsum(is_correct, dtype=np.float64)
+  return GapRanking(precision=correct_so_far / np.arange(1, len(ranked) + 1),
+                    recall=correct_so_far / num_landmark_queries, is_correct=is_correct,
+                    num_landmark_queries=num_landmark_queries)
 
 
 def _finite_float(value, what: str) -> float:

@@ -17,6 +17,7 @@ from matplotlib import ticker
 import numpy as np
 
 from tf_landmarks import files
+from tf_landmarks import metrics
 from tf_landmarks import submission
 
 NONE_LABEL = 'none'
@@ -177,17 +178,13 @@ def precision_recall_points(predictions: Mapping[str, submission.Prediction],
   Raises:
     submission.SubmissionError: the solution has no landmark query.
   """
-  landmark_queries = sum(1 for landmarks in solution.values() if landmarks)
-  if not landmark_queries:
+  if not any(solution.values()):
     raise submission.SubmissionError('the solution has no landmark query; recall is undefined')
-  ranked = sorted(((prediction[1], prediction[0] in solution[query])
-                   for query, prediction in predictions.items() if prediction is not None),
-                  key=lambda entry: -entry[0])
-  correct = np.cumsum([is_correct for _, is_correct in ranked], dtype=np.float64)
-  precision = correct / np.arange(1, len(ranked) + 1)
-  is_correct = np.array([entry[1] for entry in ranked], bool)
-  return PrecisionRecallCurve(precision=precision, recall=correct / landmark_queries,
-                              gap=float(precision[is_correct].sum() / landmark_queries))
+  ranking = metrics.gap_ranking(predictions, {query: set(landmarks) or None
+                                              for query, landmarks in solution.items()})
+  return PrecisionRecallCurve(
+      precision=ranking.precision, recall=ranking.recall,
+      gap=float(ranking.precision[ranking.is_correct].sum() / ranking.num_landmark_queries))
 
 
 def precision_recall_curve(submissions: Mapping[str, Mapping[str, submission.Prediction]],
