@@ -30,8 +30,9 @@ landmark the first stage's best is kept with a score of `--unverified_weight` ×
 rarely verify, so their answers sink to the bottom of GAP's ranking, where they cost least.
 
 Retrieval. The query's `--retrieval_depth` nearest index images by global descriptor, the first
-`--rerank` of them verified (reusing recognition's verifications): those with at least
-`--min_inliers` inliers move to the front, most inliers first.
+`--rerank` of them verified (reusing recognition's verifications). Every index image verified with
+at least `--min_inliers` inliers, by the re-ranking or by recognition, moves to the front, most
+inliers first (`retrieval_order`).
 
 Query images are prepared as the records build prepared the index images (long side capped at the
 build's `max_image_size`, JPEG-encoded), so local features of both live at the same scale.
@@ -128,7 +129,8 @@ class PredictConfig:
   retrieval_depth: int = setting(100, 'Index images listed per query in retrieval.csv (Kaggle '
                                  'scores 100).', lower=1, upper=submission.RETRIEVAL_DEPTH)
   rerank: int = setting(20, 'Retrieval: of the --retrieval_depth nearest index images, this many '
-                        'are verified and re-ranked by inliers (0: global descriptors only).',
+                        'are verified; every index image verified here or by recognition moves '
+                        'to the front, most inliers first (0: verify none beyond recognition\'s).',
                         lower=0)
   batch_size: int = setting(32, 'Queries classified per batch.', lower=1, runtime=True)
   overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
@@ -438,16 +440,36 @@ class _QueryPredictor:
                  inliers_of: Dict[int, int]) -> List[str]:
     index, config = self.verifier.index, self.config
     rows = [int(row) for row in nearest_rows if row >= 0]
-    head = []
-    for position, row in enumerate(rows[:config.rerank] if features is not None else ()):
+    for row in rows[:config.rerank] if features is not None else ():
       if row not in inliers_of:
         inliers_of[row] = self.verifier.verify(features, row)[1].num_inliers
-      if inliers_of[row] >= config.min_inliers:
-        head.append((-inliers_of[row], position, row))
-    promoted = [row for _, _, row in sorted(head)]
-    promoted_rows = set(promoted)
-    rest = [row for row in rows if row not in promoted_rows]
-    return [index.image_id(row) for row in promoted + rest]
+    ordered = retrieval_order(rows, inliers_of, config.min_inliers)[:config.retrieval_depth]
+    return [index.image_id(row) for row in ordered]
+
+
+def retrieval_order(nearest_rows: Sequence[int], inliers_of: Dict[int, int],
+                    min_inliers: int) -> List[int]:
+  """Index rows for retrieval: every verified match first, then the nearest rows in their order.
+
+  A verified match is any row with at least `min_inliers` inliers, whether the re-ranking window
+  verified it or recognition did (recognition checks a landmark's images nearest first, which can
+  lie beyond the window or beyond `nearest_rows` altogether): a geometric match is stronger
+  evidence than any global similarity, so it is listed even if the global search ranked it low.
+
+  Args:
+    nearest_rows: index rows by descending global similarity.
+    inliers_of: index row → RANSAC inliers, for the rows verified so far.
+    min_inliers: inliers a verified match needs.
+
+  Returns:
+    The matches by descending inliers (ties: the nearer row first, then rows outside
+    `nearest_rows` by row number), then the remaining `nearest_rows`.
+  """
+  position = {row: i for i, row in enumerate(nearest_rows)}
+  matches = sorted((row for row, inliers in inliers_of.items() if inliers >= min_inliers),
+                   key=lambda row: (-inliers_of[row], position.get(row, len(position)), row))
+  matched = set(matches)
+  return matches + [row for row in nearest_rows if row not in matched]
 
 
 # --- The journal -----------------------------------------------------------------------------
