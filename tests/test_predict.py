@@ -107,24 +107,25 @@ def test_verification_raises_gap_and_writes_kaggle_submissions(world, predicted)
 
 def test_retrieval_lists_every_verified_match_first_most_inliers_first():
   nearest = [10, 11, 12, 13, 14]
-  # 12 and 14 verified in the re-ranking window; 40 by recognition, beyond the nearest rows; 11
-  # checked and rejected.
+  # 12 and 14 verified in the re-ranking window, 40 (the answer's image) beyond the nearest rows;
+  # 11 checked and rejected.
   inliers_of = {12: 30, 14: 50, 40: 30, 11: 3}
   assert predict.retrieval_order(nearest, inliers_of, 15) == [14, 12, 40, 10, 11, 13]
   assert predict.retrieval_order(nearest, {}, 15) == nearest
   assert predict.retrieval_order(nearest, {13: 15, 10: 14}, 15) == [13, 10, 11, 12, 14]
 
 
-def test_retrieval_puts_verified_index_images_first(world, predicted):
+def test_retrieval_puts_the_answers_index_image_first(world, predicted):
   entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
   checked = 0
   for entry in entries:
-    verified_images = {candidate['index_image'] for candidate in entry['candidates']
-                       if candidate['inliers'] >= 15}
-    # Recognition's matches, and at most --rerank (20) more from the re-ranking, lead the list.
-    head = entry['retrieval'][:len(verified_images) + 20]
-    assert verified_images <= set(head), entry['id']
-    checked += len(verified_images)
+    answers = [candidate['index_image'] for candidate in entry['candidates']
+               if entry['prediction'] and entry['prediction'][1] >= 1.0 and
+               candidate['landmark_id'] == entry['prediction'][0]]
+    if answers:
+      # Ahead of it, only images the re-ranking window (--rerank 20) verified.
+      assert answers[0] in entry['retrieval'][:21], entry['id']
+      checked += 1
   assert checked
 
 
