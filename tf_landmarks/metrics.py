@@ -62,9 +62,8 @@ def gap(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Tru
     ValueError: a predicted id is not in `truth`, a confidence is not a finite number, a prediction
       is not a (label, confidence) pair, or no query of `truth` has a landmark (GAP is undefined).
   """
-  ranking = gap_ranking(predictions, truth,
-                        count_non_landmark_predictions=count_non_landmark_predictions)
-  return float(ranking.precision[ranking.is_correct].sum() / ranking.num_landmark_queries)
+  return gap_ranking(predictions, truth,
+                     count_non_landmark_predictions=count_non_landmark_predictions).gap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +81,17 @@ class GapRanking:
   is_correct: np.ndarray
   num_landmark_queries: int
 
+  @property
+  def gap(self) -> float:
+    """Σ precision at the correct predictions / M: the area under the steps of the curve."""
+    return float(self.precision[self.is_correct].sum() / self.num_landmark_queries)
+
 
 def gap_ranking(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Truth], *,
                 count_non_landmark_predictions: bool = True) -> GapRanking:
   """The predictions ranked as `gap` ranks them, with precision and recall at each rank.
 
-  Arguments and errors as `gap`, whose value is Σ precision[is_correct] / num_landmark_queries.
+  Arguments and errors as `gap`, whose value is the ranking's `gap`.
   """
   _check_known_ids('predicted query', predictions, truth)
   num_landmark_queries = sum(1 for labels in truth.values() if _label_set(labels))

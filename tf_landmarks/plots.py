@@ -160,37 +160,14 @@ def _draw_confusion(counts: np.ndarray, labels: Sequence[str], png_path: str) ->
   _save(fig, png_path)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrecisionRecallCurve:
-  """Precision and recall after each of the ranked predictions (arrays [N]), and their GAP."""
-  precision: np.ndarray
-  recall: np.ndarray
-  gap: float
-
-
-def precision_recall_points(predictions: Mapping[str, submission.Prediction],
-                            solution: Mapping[str, FrozenSet[int]]) -> PrecisionRecallCurve:
-  """The ranking GAP scores, as a curve: all predictions by confidence (highest first, ties in
-  `predictions` order), precision over the predictions so far, recall over the landmark queries.
-  A prediction on a query without a landmark counts as wrong, as on Kaggle. The area under the
-  steps at the correct predictions is the GAP.
-
-  Raises:
-    submission.SubmissionError: the solution has no landmark query.
-  """
-  if not any(solution.values()):
-    raise submission.SubmissionError('the solution has no landmark query; recall is undefined')
-  ranking = metrics.gap_ranking(predictions, {query: set(landmarks) or None
-                                              for query, landmarks in solution.items()})
-  return PrecisionRecallCurve(
-      precision=ranking.precision, recall=ranking.recall,
-      gap=float(ranking.precision[ranking.is_correct].sum() / ranking.num_landmark_queries))
-
-
 def precision_recall_curve(submissions: Mapping[str, Mapping[str, submission.Prediction]],
                            solution: Mapping[str, FrozenSet[int]], png_path: str
-                           ) -> Dict[str, PrecisionRecallCurve]:
+                           ) -> Dict[str, metrics.GapRanking]:
   """Draws the precision–recall curve of each submission (e.g. first stage only and verified).
+
+  The curve is the ranking GAP scores (`submission.recognition_ranking`): all predictions by
+  confidence, precision over the predictions so far, recall over the landmark queries, a
+  prediction on a query without a landmark counting as wrong, as on Kaggle.
 
   Args:
     submissions: name for the legend → predictions (query id → (landmark id, confidence) or None).
@@ -200,7 +177,7 @@ def precision_recall_curve(submissions: Mapping[str, Mapping[str, submission.Pre
   Returns:
     name → its curve, as drawn.
   """
-  curves = {name: precision_recall_points(predictions, solution)
+  curves = {name: submission.recognition_ranking(predictions, solution)
             for name, predictions in submissions.items()}
   fig = figure.Figure(figsize=(6, 4.5))
   axes = fig.add_subplot()

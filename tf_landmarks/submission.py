@@ -160,20 +160,33 @@ def write_retrieval_submission(path: str, rankings: Mapping[str, Sequence[str]])
       (query_id, ' '.join(images[:RETRIEVAL_DEPTH])) for query_id, images in rankings.items()))
 
 
+def recognition_ranking(predictions: Mapping[str, Prediction],
+                        solution: Mapping[str, FrozenSet[int]], *,
+                        count_non_landmark_predictions: bool = True) -> metrics.GapRanking:
+  """The predictions ranked as GAP ranks them (`metrics.gap_ranking`), with precision and recall
+  at each rank: the GAP is its `.gap`, the precision–recall curve its arrays.
+
+  Raises:
+    SubmissionError: the solution has no landmark query (GAP and recall are undefined).
+  """
+  if not any(solution.values()):
+    raise SubmissionError('the solution has no landmark query; GAP is undefined')
+  return metrics.gap_ranking(
+      predictions, {query: set(landmarks) or None for query, landmarks in solution.items()},
+      count_non_landmark_predictions=count_non_landmark_predictions)
+
+
 def score_recognition(predictions: Mapping[str, Prediction],
                       solution: Mapping[str, FrozenSet[int]]) -> Dict[str, float]:
   """GAP as Kaggle scores it (predictions on non-landmark queries count as wrong), GAP over
   landmark queries only, accuracy of the predictions on landmark queries, and counts."""
   landmark_queries = [query for query, landmarks in solution.items() if landmarks]
-  if not landmark_queries:
-    raise SubmissionError('the solution has no landmark query; GAP is undefined')
-  truth = {query: set(landmarks) or None for query, landmarks in solution.items()}
   correct = sum(1 for query in landmark_queries
                 if predictions.get(query) and predictions[query][0] in solution[query])
   return {
-      'gap': metrics.gap(predictions, truth),
-      'gap_landmark_queries_only': metrics.gap(predictions, truth,
-                                               count_non_landmark_predictions=False),
+      'gap': recognition_ranking(predictions, solution).gap,
+      'gap_landmark_queries_only': recognition_ranking(
+          predictions, solution, count_non_landmark_predictions=False).gap,
       'accuracy_on_landmark_queries': correct / len(landmark_queries),
       'queries': len(solution), 'landmark_queries': len(landmark_queries),
       'predictions': sum(1 for prediction in predictions.values() if prediction is not None),
