@@ -47,6 +47,7 @@ from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
 from tf_landmarks import records as records_lib
+from tf_landmarks import models
 from tf_landmarks import train
 from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import index as index_lib
@@ -103,17 +104,6 @@ class ExportConfig:
 # --- The classifier SavedModel ---------------------------------------------------------------
 
 
-def tracked_variables(model) -> List[tf.Variable]:
-  """The TensorFlow variables under a Keras 3 model, for a tf.Module to track.
-
-  Keras 3 wraps each tf.Variable in a keras.Variable; a tf.Module that only holds the model saves
-  a SavedModel that tf.saved_model.load runs, but that TF1-style loaders (TF Serving,
-  saved_model_cli run, the C++ and Java APIs) cannot: "Could not find variable …" (keras-team/keras
-  #20095). Tracking the underlying variables as well makes the variables restorable there.
-  """
-  return [variable.value for variable in model.variables]
-
-
 class _ClassifierModule(tf.Module):
   """The serving graph of a `LandmarkClassifier`: decoding, checks, crop, model, label map."""
 
@@ -122,7 +112,7 @@ class _ClassifierModule(tf.Module):
                max_image_bytes: int, max_image_pixels: int):
     super().__init__(name='landmark_classifier')
     self.model = model
-    self.model_variables = tracked_variables(model)
+    self.model_variables = models.tracked_variables(model)
     self.landmark_ids = tf.constant(np.asarray(landmark_ids, np.int64))
     self._image_size = int(image_size)
     self._max_image_side = int(max_image_side)
@@ -396,6 +386,8 @@ def export(config: ExportConfig) -> dict:
   landmark_ids = [landmark_id for _, landmark_id, _ in label_map]
   max_image_side = int(build.get('max_image_size') or 0)
   min_image_side = int(build.get('min_image_side') or images_lib.MIN_IMAGE_SIDE)
+  # Queries given as files must be prepared as the index images were: the cap above and this.
+  jpeg_quality = int(build.get('jpeg_quality') or images_lib.JPEG_QUALITY)
   save_classifier(model, landmark_ids, classifier_path, image_size=run['image_size'],
                   max_image_side=max_image_side, min_image_side=min_image_side,
                   top_k=config.top_k, max_image_bytes=config.max_image_bytes,
@@ -417,6 +409,7 @@ def export(config: ExportConfig) -> dict:
               IMAGES_SIGNATURE: {'inputs': {BYTES_INPUT: 'float32 [B, H, W, 3] in [0, 255]'},
                                  'outputs': list(OUTPUT_NAMES[:3])}},
           'max_image_side': max_image_side, 'min_image_side': min_image_side,
+          'jpeg_quality': jpeg_quality,
           'max_image_bytes': config.max_image_bytes, 'max_image_pixels': config.max_image_pixels,
       },
       'records_dir': run['records_dir'],

@@ -32,6 +32,9 @@ from tf_landmarks import files
 # 224-px crops later).
 MIN_IMAGE_SIDE = 32
 
+# Quality of re-encoded JPEGs, unless the build says otherwise (--jpeg_quality).
+JPEG_QUALITY = 90
+
 # Pillow's own decompression-bomb guard warns at ~89 Mpx; treat that as a reason to skip the row
 # rather than spending gigabytes on one image.
 Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -213,7 +216,7 @@ def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
   return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def prepare_image(data: bytes, max_side: int = 0, jpeg_quality: int = 90,
+def prepare_image(data: bytes, max_side: int = 0, jpeg_quality: int = JPEG_QUALITY,
                   min_side: int = MIN_IMAGE_SIDE) -> PreparedImage:
   """Decodes, orients, converts to sRGB RGB, downsizes and JPEG-encodes one image.
 
@@ -325,7 +328,7 @@ def encode_jpeg(image: Union[Image.Image, np.ndarray], jpeg_quality: int) -> Pre
   return PreparedImage(jpeg=buffer.getvalue(), height=image.height, width=image.width)
 
 
-def distorted_copy(jpeg: bytes, seed: int, jpeg_quality: int = 90) -> PreparedImage:
+def distorted_copy(jpeg: bytes, seed: int, jpeg_quality: int = JPEG_QUALITY) -> PreparedImage:
   """A mildly distorted copy of an image: random crop, flip, small rotation, colour and contrast.
 
   Used to give a class that has a single image a validation example (one of the Google Landmarks

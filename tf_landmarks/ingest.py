@@ -113,7 +113,8 @@ class BuildConfig:
   max_image_size: int = setting(
       640, 'Resize so that the long side is at most this many pixels (aspect kept, never '
       'upscaled); 0 keeps the original size.', lower=0)
-  jpeg_quality: int = setting(90, 'JPEG quality of re-encoded images.', lower=1, upper=100)
+  jpeg_quality: int = setting(images.JPEG_QUALITY, 'JPEG quality of re-encoded images.', lower=1,
+                             upper=100)
   min_image_side: int = setting(
       images.MIN_IMAGE_SIDE, 'Images whose shorter side is smaller (before or after resizing) are '
       'skipped.', lower=1)

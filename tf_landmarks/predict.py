@@ -65,7 +65,6 @@ from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import draw
 from tf_landmarks.local_features import evaluate as pair_evaluation
 from tf_landmarks.local_features import index as index_lib
-from tf_landmarks.local_features import sift
 from tf_landmarks.settings import setting
 
 # The folder's format, predict.json and the submissions' names belong to submission.py, which reads
@@ -259,9 +258,7 @@ def _query_reader(config: PredictConfig,
   if not config.test_csv:
     return _record_queries(config.test_records or description['records_dir'])
   classifier = description['classifier']
-  build = records_lib.load_manifest(description['records_dir']).get('config', {}) \
-      if tf.io.gfile.exists(files.join(description['records_dir'], records_lib.MANIFEST)) else {}
-  return _csv_queries(config, classifier['max_image_side'], int(build.get('jpeg_quality', 90)),
+  return _csv_queries(config, classifier['max_image_side'], classifier['jpeg_quality'],
                       classifier['min_image_side'])
 
 
@@ -294,8 +291,7 @@ def open_verifier(export_dir: str, description: dict, config: PredictConfig) -> 
   index = index_lib.Index(files.join(export_dir, description['index']['path']))
   local = index.metadata['local']
   if local['backend'] == 'sift':
-    def extract(image):
-      return sift.extract_sift(image, max_features=local['max_features'])
+    extract = index_lib.make_local_extractor('sift', max_features=local['max_features'])
   else:
     delf = description['delf']
     try:
@@ -719,7 +715,7 @@ class _Predicted:
 
 @functools.lru_cache(maxsize=2)
 def _open_predicted(predictions_dir: str, meta_text: str) -> Optional[_Predicted]:
-  """Opens the folder once per report (keyed by predict.json's text, so a new run reopens it):
+  """Opens the folder once per report (keyed by predict.json's content, so a new run reopens it):
   loading the export's index and DELF model for every picture would cost more than drawing."""
   meta = json.loads(meta_text)
   if not all(isinstance(meta.get(key), dict) for key in ('settings', 'queries')) or \
@@ -753,10 +749,9 @@ def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
     A caption ("<inliers> inliers / <matches> matches with index image <id>"), or None when the
     query, its image or the index image cannot be found.
   """
-  meta_path = files.join(predictions_dir, PREDICT_JSON)
-  files.read_versioned_json(meta_path, FORMAT, 'predictions', 'predict again', PredictError)
-  with tf.io.gfile.GFile(meta_path) as f:
-    predicted = _open_predicted(predictions_dir, f.read())
+  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
+                                   'predictions', 'predict again', PredictError)
+  predicted = _open_predicted(predictions_dir, json.dumps(meta, sort_keys=True))
   entry = predicted.entries.get(query_id) if predicted else None
   if entry is None or entry.get('status') != 'ok':
     return None

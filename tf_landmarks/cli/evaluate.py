@@ -64,16 +64,16 @@ _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Also write the scores t
 
 
 def _drawer(predictions_dir):
-  """The prediction module's match-picture drawer for this folder, if that module provides one."""
+  """The match-picture drawer of a predictions folder; None without a folder, or where the
+  prediction module cannot be imported (the report then lists the mistakes without pictures)."""
   if not predictions_dir:
     return None
   try:
-    # Imported here: the prediction module is optional for scoring and loads the models' code.
+    # Imported here: scoring alone does not need the prediction module and the models it loads.
     from tf_landmarks import predict  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  draw_match = getattr(predict, 'draw_match', None)
-  return functools.partial(draw_match, predictions_dir) if draw_match else None
+  return functools.partial(predict.draw_match, predictions_dir)
 
 
 def _train_class_counts(folder, notes):

@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_landmarks import files
+from tf_landmarks import models
 from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.models import backbones
 from tf_landmarks.models.delf import DelfError
@@ -220,8 +221,7 @@ class _ExtractionModule(tf.Module):
     super().__init__(name='delf_extraction')
     _check_extraction_options(model, pca, iou_threshold, max_side)
     self.model = model
-    # As for the classifier's export: TF Serving restores these, not Keras 3's wrappers.
-    self.model_variables = [variable.value for variable in model.variables]
+    self.model_variables = models.tracked_variables(model)
     self._receptive_field = backbones.get(model.backbone_name).local_feature_receptive_field
     self._pca = pca
     self._iou_threshold = float(iou_threshold)
