@@ -691,9 +691,9 @@ def _finish(config: PredictConfig, meta: dict, ids: Sequence[str], entries: Dict
 # --- Match pictures for the report -----------------------------------------------------------
 
 
-def _stored_image(records_dir: str, splits: Sequence[str], image_id: str) -> Optional[np.ndarray]:
+def _stored_image(records: records_lib.Records, splits: Sequence[str],
+                  image_id: str) -> Optional[np.ndarray]:
   """The stored (records) image `image_id`, looked up in the given splits' shards."""
-  records = records_lib.load(records_dir)
   wanted = image_id.encode()
   for split in splits:
     paths = records.files(split)
@@ -707,10 +707,12 @@ def _stored_image(records_dir: str, splits: Sequence[str], image_id: str) -> Opt
 
 @dataclasses.dataclass(frozen=True)
 class _Predicted:
-  """A finished prediction folder opened for drawing: its journal, export, verifier, queries."""
+  """A finished prediction folder opened for drawing: its journal, export, verifier, queries,
+  and the records folder of the index images."""
   entries: Dict[str, dict]
   verifier: Verifier
   read_queries: QueryReader
+  index_records: records_lib.Records
 
 
 @functools.lru_cache(maxsize=2)
@@ -728,7 +730,8 @@ def _open_predicted(predictions_dir: str, meta_text: str) -> Optional[_Predicted
   if verifier is None:
     return None
   return _Predicted(Journal(files.join(predictions_dir, JOURNAL)).entries, verifier,
-                    _query_reader(config, description)[1])
+                    _query_reader(config, description)[1],
+                    records_lib.load(verifier.index.metadata['records_dir']))
 
 
 def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
@@ -765,7 +768,7 @@ def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
     return None
   query = next((query for _, query in predicted.read_queries(lambda i: i == query_id)
                 if query is not None), None)
-  index_picture = _stored_image(index.metadata['records_dir'], index.metadata['splits'],
+  index_picture = _stored_image(predicted.index_records, index.metadata['splits'],
                                 index.image_id(row))
   if query is None or query.jpeg is None or index_picture is None:
     return None
