@@ -73,7 +73,8 @@ def _field_of_operation(tensor, known):
   config = operation.get_config()
   if isinstance(operation, keras.layers.ZeroPadding2D):
     return size, stride, padding + config['padding'][0][0] * stride
-  if isinstance(operation, (keras.layers.Conv2D, keras.layers.MaxPooling2D)):
+  if isinstance(operation, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                            keras.layers.MaxPooling2D)):
     kernel = (config.get('kernel_size') or config['pool_size'])[0]
     step = config['strides'][0]
     before = 0
@@ -82,15 +83,17 @@ def _field_of_operation(tensor, known):
       before = max((out_side - 1) * step + kernel - in_side, 0) // 2
     return size + (kernel - 1) * stride, stride * step, padding + before * stride
   assert isinstance(operation, (keras.layers.BatchNormalization, keras.layers.Activation,
-                                keras.layers.ReLU, keras.layers.Add)), operation
+                                keras.layers.ReLU, keras.layers.Add, keras.layers.Dropout)), operation
   return size, stride, padding
 
 
 @pytest.mark.parametrize('name, image_size', [
     ('tiny', 64), ('tiny', 72), ('vgg16', 96), ('vgg16', 100), ('resnet50', 96), ('resnet50', 97),
+    ('efficientnet_lite0', 64), ('efficientnet_lite0', 224), ('efficientnet_lite2', 96),
 ])
 def test_registry_receptive_fields_are_those_of_the_layers(name, image_size):
-  # Sizes: multiples of tiny's input_multiple (8); any size for the others, odd ones included.
+  # Sizes: multiples of the input_multiple of tiny (8) and EfficientNet-Lite (16); any size for
+  # the others, odd ones included.
   entry = backbones.get(name)
   field = entry.local_feature_receptive_field
   assert image_size % field.input_multiple == 0

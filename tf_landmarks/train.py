@@ -767,6 +767,7 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
           'local_feature_layer': backbones.get(config.backbone).local_feature_layer},
       'loss': config.loss, 'num_classes': records.num_classes,
       'records_dir': records.path, 'weights': weights, 'weights_sha256': built.weights_sha256,
+      'weights_source_sha256': built.source_sha256,
       'init_from': config.init_from,
       'trained_weights_digest': _weights_digest(model),
       'final': history[-1] if history else None,

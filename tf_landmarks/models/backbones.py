@@ -4,8 +4,10 @@ A plain dict, chosen by name (`--backbone`, a DEFINE_enum over `BACKBONES`). Eac
 other stages must agree on: the input preprocessing (the input pipeline and exported models apply
 exactly this), the mid-level layer DELF attaches its attention to and the receptive field of its
 cells (where DELF's keypoints are), the block names that
-`--freeze_until` accepts, the smallest image it takes, and where Keras keeps its ImageNet weights.
-`tiny` is a few conv blocks for tests and the CPU demo.
+`--freeze_until` accepts, the smallest image it takes, and where its ImageNet weights come from:
+Keras's download for VGG16 and ResNet50, a registry package's checkpoint converted on first use for
+EfficientNet-Lite (`efficientnet_lite.py`), which therefore works with no network. `tiny` is a few
+conv blocks for tests.
 
 `build` turns a name, an image size and a `--weights` value ('imagenet', 'none' or the path of a
 `.weights.h5` file) into a model, recording which weights it loaded; `freeze` applies
@@ -30,6 +32,7 @@ import tensorflow as tf
 from tf_landmarks import csv_io
 from tf_landmarks import errors
 from tf_landmarks import files
+from tf_landmarks.models import efficientnet_lite
 
 MAX_IMAGE_SIZE = 512
 
@@ -54,9 +57,16 @@ def _minus_one_to_one(images: tf.Tensor) -> tf.Tensor:
   return images / 127.5 - 1.0
 
 
+def _efficientnet_lite(images: tf.Tensor) -> tf.Tensor:
+  return (images - 127.0) / 128.0
+
+
 PREPROCESSING: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
     'caffe': _caffe,  # BGR minus ImageNet means, as keras.applications' 'caffe' mode.
     'tf': _minus_one_to_one,  # [-1, 1], as keras.applications' 'tf' mode.
+    # RGB (x − 127) / 128, as Google trained EfficientNet-Lite. ImageNet's mean and standard
+    # deviation also classify, but retrieve worse on the real photos (BUILD_NOTES.md).
+    'efficientnet_lite': _efficientnet_lite,
 }
 
 
@@ -113,7 +123,9 @@ class Backbone:
     blocks: layer-name prefixes of the backbone's blocks, input to output (for --freeze_until).
     local_feature_receptive_field: the receptive field of the local-feature layer's cells.
     min_image_size: smallest square image side `build` accepts.
-    imagenet: where Keras keeps the ImageNet weights; None when there are none.
+    imagenet: where the ImageNet weights come from: Keras's download (`ImagenetWeights`), or a
+      registry package's checkpoint converted on first use (an `efficientnet_lite.Variant`);
+      None when there are none.
   """
   build: Callable[..., keras.Model]
   preprocessing: str
@@ -121,7 +133,7 @@ class Backbone:
   blocks: Tuple[str, ...]
   local_feature_receptive_field: ReceptiveField
   min_image_size: int = 96
-  imagenet: Optional[ImagenetWeights] = None
+  imagenet: Optional[Union[ImagenetWeights, efficientnet_lite.Variant]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +144,13 @@ class BuiltBackbone:
     model: preprocessed float32 images [B, S, S, 3] → the last spatial feature map.
     weights: 'imagenet', 'none', or the weights file's path as given.
     weights_sha256: hex SHA-256 of the weights file that was loaded; None for 'none'.
+    source_sha256: for ImageNet weights converted from a package's checkpoint, that checkpoint's
+      hex SHA-256 (verified before conversion); else None.
   """
   model: keras.Model
   weights: str
   weights_sha256: Optional[str]
+  source_sha256: Optional[str] = None
 
 
 def _vgg16(input_shape, weights):
@@ -160,6 +175,23 @@ def _tiny(input_shape, weights):
   return keras.Model(inputs, x, name='tiny')
 
 
+def _efficientnet_lite_builder(variant: efficientnet_lite.Variant) -> Callable[..., keras.Model]:
+  def build_variant(input_shape, weights):
+    if weights == 'imagenet':
+      raise ValueError('ImageNet weights are loaded by backbones.build, not by the builder')
+    return efficientnet_lite.build(variant, input_shape)
+  return build_variant
+
+
+def _efficientnet_lite_entry(name: str, field: ReceptiveField) -> Backbone:
+  # DELF attaches to the end of stage 5, the last stride-16 map (112 channels in lite0).
+  variant = efficientnet_lite.VARIANTS[name]
+  return Backbone(_efficientnet_lite_builder(variant), 'efficientnet_lite',
+                  efficientnet_lite.last_block_of_stage(variant, 5),
+                  efficientnet_lite.block_names(variant), field, min_image_size=64,
+                  imagenet=variant)
+
+
 _KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications'
 
 BACKBONES: Dict[str, Backbone] = {
@@ -181,6 +213,13 @@ BACKBONES: Dict[str, Backbone] = {
             'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             f'{_KERAS_WEIGHTS_URL}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             '4d473c1dd8becc155b73f8504c6f6626')),
+    # Receptive fields of the end of stage 5: the stem, then every depthwise convolution (k×k)
+    # up to there. TensorFlow's 'same' padding pads a strided layer's even-sided input on the
+    # right only (k=3) or by one more on the right (k=5), hence input_multiple 16.
+    'efficientnet_lite0': _efficientnet_lite_entry(
+        'efficientnet_lite0', ReceptiveField(size=339, stride=16, padding=154, input_multiple=16)),
+    'efficientnet_lite2': _efficientnet_lite_entry(
+        'efficientnet_lite2', ReceptiveField(size=475, stride=16, padding=222, input_multiple=16)),
     'tiny': Backbone(_tiny, 'tf', 'block3_out', ('block1', 'block2', 'block3', 'block4'),
                      ReceptiveField(size=15, stride=8, padding=0, input_multiple=8),
                      min_image_size=32),
@@ -245,8 +284,10 @@ def build(name: str, image_size: int, weights: str) -> BuiltBackbone:
   if weights == 'none':
     return BuiltBackbone(backbone.build(input_shape, None), 'none', None)
   if weights == 'imagenet':
-    path = _imagenet_weights_file(name, backbone)
     model = backbone.build(input_shape, None)
+    if isinstance(backbone.imagenet, efficientnet_lite.Variant):
+      return _load_converted_imagenet_weights(model, name, backbone.imagenet)
+    path = _imagenet_weights_file(name, backbone)
     return BuiltBackbone(model, 'imagenet', _load_weights_file(model, name, path, path))
   model = backbone.build(input_shape, None)
   return BuiltBackbone(model, weights, _load_weights_path(model, name, weights))
@@ -331,6 +372,22 @@ def _imagenet_weights_file(name: str, backbone: Backbone) -> str:
         f'ImageNet weights for {name} need {expected}, which is not there and could not be '
         f'downloaded from {backbone.imagenet.url} ({reason}); put that file there, or use '
         '--weights=none or --weights=<path to a .weights.h5>') from None
+
+
+def _load_converted_imagenet_weights(model: keras.Model, name: str,
+                                     variant: efficientnet_lite.Variant) -> BuiltBackbone:
+  """Loads the Keras file converted from `variant`'s packaged checkpoint (converting it first).
+
+  A cached file that fails to load (damaged, cut short) is converted again, once.
+  """
+  cache_dir = os.path.join(_keras_home(), _KERAS_CACHE_SUBDIR)
+  path = efficientnet_lite.imagenet_weights_file(variant, cache_dir)
+  try:
+    sha256 = _load_weights_file(model, name, path, path)
+  except BackboneError:
+    path = efficientnet_lite.imagenet_weights_file(variant, cache_dir, reconvert=True)
+    sha256 = _load_weights_file(model, name, path, path)
+  return BuiltBackbone(model, 'imagenet', sha256, source_sha256=variant.checkpoint.sha256)
 
 
 def _load_weights_path(model: keras.Model, name: str, path: str) -> str:
