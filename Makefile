@@ -1,6 +1,6 @@
 # tf-landmarks: `make demo` sets everything up and runs the main job on the synthetic data
-# (synthetic set → shards → scratch stand-in → bottleneck → fine-tune → DELF → index → export →
-# predict → evaluate);
+# (synthetic set → shards → EfficientNet-Lite0 bottleneck on ImageNet weights → fine-tune → DELF →
+# index → export → predict → evaluate);
 # `make test` sets up and runs the default test suite (what CI runs).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -35,42 +35,41 @@ demo: $(STAMP)
 	  --train_csv=$(DEMO_DATA)/train.csv --test_csv=$(DEMO_DATA)/test.csv \
 	  --image_dir=$(DEMO_DATA)/images --output_dir=$(DEMO_RECORDS)
 	$(BIN)/tfl-inspect-records --records_dir=$(DEMO_RECORDS)
-	@echo '== Stage 1: a stand-in backbone trained from scratch (no ImageNet download here)'
-	$(BIN)/tfl-train --flagfile=configs/demo_scratch.flags --records_dir=$(DEMO_RECORDS) \
-	  --workdir=$(DEMO_RUNS)/demo_scratch --noprogress
-	@echo '== Stage 2: bottleneck: that backbone frozen, its features cached, a new head trained'
+	@echo '== Stage 1: bottleneck: EfficientNet-Lite0 with ImageNet weights, frozen; its features cached, a head trained'
 	$(BIN)/tfl-train --flagfile=configs/demo_bottleneck.flags --records_dir=$(DEMO_RECORDS) \
-	  --weights=$(DEMO_RUNS)/demo_scratch/backbone.weights.h5 --workdir=$(DEMO_RUNS)/demo_bottleneck \
-	  --noprogress
-	@echo '== Stage 3: fine-tune: the bottleneck head on its backbone, upper blocks unfrozen'
+	  --workdir=$(DEMO_RUNS)/demo_bottleneck --noprogress
+	@echo '== Stage 2: fine-tune: the bottleneck head on its backbone, upper blocks unfrozen'
 	$(BIN)/tfl-train --flagfile=configs/demo_finetune.flags --records_dir=$(DEMO_RECORDS) \
 	  --init_from=$(DEMO_RUNS)/demo_bottleneck --workdir=$(DEMO_RUNS)/demo_finetune --noprogress
-	@echo '== Stage 4: DELF attention over the stand-in backbone (local features for verification)'
+	@echo '== Stage 3: DELF attention over the fine-tuned backbone (local features for verification)'
 	$(BIN)/tfl-train --flagfile=configs/demo_delf.flags --records_dir=$(DEMO_RECORDS) \
-	  --init_from=$(DEMO_RUNS)/demo_scratch --workdir=$(DEMO_RUNS)/demo_delf --noprogress
-	@echo '== Stage 5: the index: DELF features and global descriptors of the train and validation images'
+	  --init_from=$(DEMO_RUNS)/demo_finetune --workdir=$(DEMO_RUNS)/demo_delf --noprogress
+	@echo '== Stage 4: the index: DELF features and global descriptors of the train and validation images'
 	$(BIN)/tfl-build-index --run=$(DEMO_RUNS)/demo_finetune --local_features=delf \
 	  --delf_run=$(DEMO_RUNS)/demo_delf --split=train+validation --overwrite --noprogress
-	@echo '== Stage 6: export: the classifier SavedModel (TF Serving layout), DELF SavedModel and index'
+	@echo '== Stage 5: export: the classifier SavedModel (TF Serving layout), DELF SavedModel and index'
 	$(BIN)/tfl-export --run=$(DEMO_RUNS)/demo_finetune --output_dir=$(DEMO_EXPORT) --overwrite
-	@echo '== Stage 7: predict: classify the test queries, verify the best landmarks with DELF + RANSAC'
+	@echo '== Stage 6: predict: classify the test queries, verify the best landmarks with DELF + RANSAC'
 	$(BIN)/tfl-predict --flagfile=configs/demo_predict.flags --export=$(DEMO_EXPORT) \
 	  --output_dir=$(DEMO_PREDICTIONS) --noprogress
-	@echo '== Stage 8: evaluate: GAP before and after verification, mAP@100, the report'
+	@echo '== Stage 7: evaluate: GAP before and after verification, mAP@100, the report'
 	$(BIN)/tfl-evaluate --predictions_dir=$(DEMO_PREDICTIONS) \
 	  --recognition_solution=$(DEMO_DATA)/recognition_solution.csv \
 	  --retrieval_solution=$(DEMO_DATA)/retrieval_solution.csv --report_dir=$(DEMO_PREDICTIONS)/report
 
 # The same chain on the real photos in ../shared/data/landmarks-real (8 landmarks, 67 queries of
-# which 43 show none): a from-scratch classifier, a SIFT index, verification of every landmark.
+# which 43 show none): EfficientNet-Lite0 bottleneck, DELF attention over it, a DELF index, the
+# knn first stage with verification of its 3 best landmarks.
 REAL_DATA ?= ../shared/data/landmarks-real
 demo-real: $(STAMP)
 	$(BIN)/tfl-build-records --flagfile=configs/landmarks_real.flags --noprogress
-	$(BIN)/tfl-train --flagfile=configs/real_scratch.flags --records_dir=records/landmarks_real \
-	  --workdir=$(DEMO_RUNS)/real_scratch --noprogress
-	$(BIN)/tfl-build-index --run=$(DEMO_RUNS)/real_scratch --local_features=sift \
-	  --split=train+validation --overwrite --noprogress
-	$(BIN)/tfl-export --run=$(DEMO_RUNS)/real_scratch --output_dir=exports/real --overwrite
+	$(BIN)/tfl-train --flagfile=configs/real_bottleneck.flags --records_dir=records/landmarks_real \
+	  --workdir=$(DEMO_RUNS)/real_bottleneck --noprogress
+	$(BIN)/tfl-train --flagfile=configs/real_delf.flags --records_dir=records/landmarks_real \
+	  --init_from=$(DEMO_RUNS)/real_bottleneck --workdir=$(DEMO_RUNS)/real_delf --noprogress
+	$(BIN)/tfl-build-index --run=$(DEMO_RUNS)/real_bottleneck --local_features=delf \
+	  --delf_run=$(DEMO_RUNS)/real_delf --split=train+validation --overwrite --noprogress
+	$(BIN)/tfl-export --run=$(DEMO_RUNS)/real_bottleneck --output_dir=exports/real --overwrite
 	$(BIN)/tfl-predict --flagfile=configs/real_predict.flags --export=exports/real \
 	  --test_csv=$(REAL_DATA)/test.csv --image_dir=$(REAL_DATA)/images \
 	  --output_dir=predictions/real --noprogress

@@ -72,6 +72,9 @@ _EXTRACT_IMAGES = flags.DEFINE_integer('extract_images', 60, 'Images timed for e
                                        lower_bound=1)
 _DELF_IMAGES = flags.DEFINE_integer('delf_images', 4, 'Images timed for DELF extraction (slow on a '
                                     'CPU); 0 skips DELF.', lower_bound=0)
+_DELF_BACKBONES = flags.DEFINE_list(
+    'delf_backbones', ['resnet50'], 'Backbones whose DELF extraction is timed (registry names, '
+    'e.g. resnet50,efficientnet_lite0).')
 _EXTRACT_SIDE = flags.DEFINE_integer('extract_side', 512, 'Longer side of the images timed for '
                                      'extraction.', lower_bound=16)
 
@@ -157,26 +160,30 @@ def bench_verification(feature_pairs, kinds, distance_bound: float, rounds: int,
   return lines
 
 
-def _delf_extractors(max_features: int):
-  """DELF on ResNet50 conv4 (random weights: the work per image does not depend on them), with the
-  default 7-scale pyramid and with scale 1 only."""
+def _delf_extractors(max_features: int, backbone_names):
+  """DELF on each backbone's local-feature layer (random weights: the work per image does not
+  depend on them), with the default 7-scale pyramid and with scale 1 only."""
   from tf_landmarks.local_features import delf  # pylint: disable=g-import-not-at-top
   from tf_landmarks.models import backbones  # pylint: disable=g-import-not-at-top
   from tf_landmarks.models import delf as delf_model  # pylint: disable=g-import-not-at-top
-  model = delf_model.build_delf('resnet50', backbones.build('resnet50', 224, 'none').model, 10)
-  return {'delf resnet50, 7 scales': delf.DelfExtractor(model, max_feature_num=max_features),
-          'delf resnet50, scale 1': delf.DelfExtractor(model, scales=(1.0,),
-                                                        max_feature_num=max_features)}
+  extractors = {}
+  for name in backbone_names:
+    model = delf_model.build_delf(name, backbones.build(name, 224, 'none').model, 10)
+    extractors[f'delf {name}, 7 scales'] = delf.DelfExtractor(model, max_feature_num=max_features)
+    extractors[f'delf {name}, scale 1'] = delf.DelfExtractor(model, scales=(1.0,),
+                                                             max_feature_num=max_features)
+  return extractors
 
 
-def bench_extraction(images, max_features: int, rounds: int, delf_images: int):
+def bench_extraction(images, max_features: int, rounds: int, delf_images: int,
+                     delf_backbones=('resnet50',)):
   """Times SIFT (all `images`) and DELF (the first `delf_images`) extraction; report lines."""
   def side(extract, subset):
     return lambda: timing.time_call(lambda: [extract(image) for image in subset], len(subset))
 
   sides = {'sift (RootSIFT)': side(lambda image: sift.extract_sift(image, max_features), images)}
   if delf_images:
-    for name, extractor in _delf_extractors(max_features).items():
+    for name, extractor in _delf_extractors(max_features, delf_backbones).items():
       extractor(images[0])  # Traces the extraction graph outside the timed runs.
       sides[name] = side(extractor, images[:delf_images])
   samples = timing.interleave(sides, rounds)
@@ -221,7 +228,7 @@ def main(argv):
                                     max(1, round(image.shape[0] * scale))),
                             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR))
   timing.print_line('\n'.join(bench_extraction(small, _MAX_FEATURES.value, _ROUNDS.value,
-                                                _DELF_IMAGES.value)))
+                                                _DELF_IMAGES.value, _DELF_BACKBONES.value)))
   timing.print_line(f'  {timing.load_note()}')
   return 0
 

@@ -60,8 +60,8 @@ def keras_home(tmp_path, monkeypatch):
     ('vgg16', 96, 512, 512),
     ('resnet50', 96, 2048, 1024),
     ('tiny', 32, 128, 64),
-    ('efficientnet_lite0', 64, 1280, 112),
-    ('efficientnet_lite2', 64, 1280, 120),
+    ('efficientnet_lite0', 64, 1280, 672),
+    ('efficientnet_lite2', 64, 1280, 720),
 ])
 def test_every_backbone_builds_a_spatial_map_and_has_its_local_feature_layer(
     name, image_size, channels, local_channels):

@@ -67,11 +67,16 @@ def test_verified_score_ranks_every_verified_answer_above_every_unverified_one()
   assert predict.verified_score(1000, 1.0, 15) < 2.0
 
 
-def test_knn_votes_share_the_similarity_of_the_neighbours():
-  votes = predict.knn_votes(np.array([0.9, 0.6, 0.3, -0.2, 0.5]),
-                            np.array([7, 8, 7, 9, -1]))  # -1: an empty IVF slot.
-  assert votes == pytest.approx({7: 1.2 / 1.8, 8: 0.6 / 1.8})
-  assert predict.knn_votes(np.array([-0.5]), np.array([3])) == {}
+def test_knn_scores_are_the_similarity_of_each_landmarks_nearest_image():
+  scores = predict.knn_scores(np.array([0.9, 0.6, 0.3, -0.2, 0.5]),
+                              np.array([7, 8, 7, 9, -1]))  # -1: an empty IVF slot.
+  assert scores == pytest.approx({7: 0.9, 8: 0.6})
+  # Far from everything is not confident, however the neighbours agree (a vote share would be 1).
+  assert predict.knn_scores(np.array([0.3, 0.29, 0.28]), np.array([4, 4, 4])) == pytest.approx(
+      {4: 0.3})
+  assert predict.knn_scores(np.array([-0.5, 0.0]), np.array([3, 3])) == {}
+  # Rounding above 1 stays a confidence.
+  assert predict.knn_scores(np.array([1.0000002]), np.array([5])) == {5: 1.0}
   assert predict.fuse({7: 0.8, 8: 0.2}, {8: 0.6, 9: 0.4}) == pytest.approx(
       {7: 0.4, 8: 0.4, 9: 0.2})
   assert predict.ranked({5: 0.4, 3: 0.4, 9: 0.2}) == [(3, 0.4), (5, 0.4), (9, 0.2)]

@@ -100,6 +100,29 @@ def test_scratch_then_bottleneck_then_finetune_learn_well_above_chance(synthetic
           'validation/top1', 'validation/top5', 'validation/gap'} <= tags
 
 
+def test_bottleneck_on_efficientnet_lite0_imagenet_weights_offline(synthetic_records, tmp_path,
+                                                                   monkeypatch):
+  # No network: the ImageNet weights come from the package's checkpoint, converted into KERAS_HOME.
+  def refuse(*args, **kwargs):
+    raise OSError('network is unreachable (test)')
+
+  monkeypatch.setattr(socket.socket, 'connect', refuse)
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+  run = train.train(_config(synthetic_records, tmp_path / 'lite0', mode=train.Mode.BOTTLENECK,
+                            backbone='efficientnet_lite0', weights='imagenet', epochs=8,
+                            steps_per_epoch=12, feature_cache_dir=str(tmp_path / 'cache')),
+                    data.InputConfig(image_size=64))
+  converted = tmp_path / 'keras' / 'models' / 'efficientnet_lite0_57934424_notop.weights.h5'
+  assert run['weights'] == 'imagenet'
+  assert run['weights_sha256'] == scratch_sha(converted)
+  assert run['weights_source_sha256'] == (
+      '579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db')
+  written = json.loads((tmp_path / 'lite0' / 'run.json').read_text())
+  assert written['weights_source_sha256'] == run['weights_source_sha256']
+  # ImageNet features tell the synthetic landmarks apart with a head alone.
+  assert run['best']['validation']['top1'] > 4 / 8, run['best']
+
+
 def scratch_sha(path):
   import hashlib
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()

@@ -17,9 +17,9 @@ records folder), runs them through an export (`tfl-export`), and writes into `--
   predict.json           the export, queries and settings; "finished" once the CSVs are written.
 
 Recognition. The first stage proposes landmarks: `classifier` (the export's softmax), `knn` (the
-query's nearest index images by global descriptor vote for their landmarks, weighted by
-similarity: a landmark with a single index image is as reachable as a large one) or `both` (the
-mean of the two, per landmark). The `--verify_top_k` best proposals are verified: the query's local
+landmarks of the query's nearest index images by global descriptor, each with the cosine
+similarity of its nearest image: a landmark with a single index image is as reachable as a large
+one) or `both` (the mean of the two, per landmark). The `--verify_top_k` best proposals are verified: the query's local
 features are matched (nearest neighbours, ratio test, mutual check) against up to
 `--max_verifications` index images of each landmark, nearest first by global descriptor, and an
 affine RANSAC counts the inliers; a landmark stops being checked once one of its images reaches
@@ -103,7 +103,8 @@ class PredictConfig:
       'default: the export\'s records folder.')
   first_stage: str = setting(
       'classifier', 'Which landmarks are proposed for verification: classifier (softmax top-k), knn '
-      '(votes of the nearest index images by global descriptor) or both (their mean).',
+      '(the landmarks of the nearest index images by global descriptor, each scored by its '
+      'nearest image\'s cosine similarity) or both (their mean).',
       choices=FIRST_STAGES)
   verify_top_k: int = setting(
       3, 'Landmarks verified per query: the first stage\'s best, then (if it proposed fewer, as '
@@ -116,7 +117,8 @@ class PredictConfig:
   min_inliers: int = setting(
       15, 'RANSAC inliers that verify a pair; a landmark stops being checked at the first image '
       'that reaches it.', lower=3)
-  knn_k: int = setting(20, 'Nearest index images that vote in the knn first stage.', lower=1)
+  knn_k: int = setting(20, 'Nearest index images whose landmarks the knn first stage proposes.',
+                       lower=1)
   unverified_weight: float = setting(
       0.1, 'Score of an unverified answer: this times its first-stage confidence (0: such '
       'queries get no prediction).', lower=0.0, upper=1.0)
@@ -160,23 +162,28 @@ def verified_score(inliers: int, first_stage: float, min_inliers: int) -> float:
   return 1.0 + 0.5 * inliers / (inliers + min_inliers) + 0.5 * min(max(first_stage, 0.0), 1.0)
 
 
-def knn_votes(similarities: np.ndarray, landmarks: np.ndarray) -> Dict[int, float]:
-  """Landmark → share of the neighbours' similarity: the knn first stage's confidences.
+def knn_scores(similarities: np.ndarray, landmarks: np.ndarray) -> Dict[int, float]:
+  """Landmark → the cosine similarity of its nearest image among the query's neighbours.
+
+  The knn first stage's confidences. The similarity itself, not a share of votes: a share sums to
+  1 over whatever is nearest, so a photo with no landmark in it gets as confident an answer as a
+  landmark's photo, while its nearest similarity is low (median 0.31 against 0.86 for landmark
+  queries of the real photos, EfficientNet-Lite0; BUILD_NOTES.md). A landmark with a single index
+  image is as reachable as a large one.
 
   Args:
-    similarities: [K] cosine similarities of the nearest index images (negative ones vote 0).
+    similarities: [K] cosine similarities of the nearest index images, nearest first.
     landmarks: [K] their landmark ids (-1 for an empty IVF slot, ignored).
 
   Returns:
-    Votes summing to 1 (empty if nothing voted), so they compare with softmax probabilities.
+    landmark → similarity clipped to [0, 1] (so it compares with softmax probabilities); landmarks
+    whose nearest image is not similar at all (≤ 0) are left out.
   """
-  weights = np.maximum(np.asarray(similarities, np.float64), 0.0)
-  votes: Dict[int, float] = collections.defaultdict(float)
-  for weight, landmark in zip(weights, landmarks):
-    if landmark >= 0 and weight > 0:
-      votes[int(landmark)] += float(weight)
-  total = sum(votes.values())
-  return {landmark: vote / total for landmark, vote in votes.items()} if total else {}
+  scores: Dict[int, float] = {}
+  for similarity, landmark in zip(np.asarray(similarities, np.float64), landmarks):
+    if landmark >= 0 and similarity > 0:
+      scores[int(landmark)] = max(scores.get(int(landmark), 0.0), min(float(similarity), 1.0))
+  return scores
 
 
 def fuse(*proposals: Dict[int, float]) -> Dict[int, float]:
@@ -325,9 +332,9 @@ class _QueryPredictor:
     index = self.verifier.index
     similarities, rows = (part[:self.config.knn_k] for part in neighbours)
     landmarks = np.array([index.landmark_of(row) if row >= 0 else -1 for row in rows])
-    votes = knn_votes(similarities, landmarks)
+    nearest = knn_scores(similarities, landmarks)
     timing['knn'] = time.perf_counter() - started
-    return votes if self.config.first_stage == 'knn' else fuse(classifier, votes)
+    return nearest if self.config.first_stage == 'knn' else fuse(classifier, nearest)
 
   def _neighbours(self, embedding, timing) -> Tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of the query's nearest index images: one search that the knn stage,

@@ -1,7 +1,7 @@
 r"""tfl-build-index: the retrieval and verification index of a classifier run.
 
 Examples:
-  tfl-build-index --run=runs/demo_scratch --local_features=sift
+  tfl-build-index --run=runs/demo_finetune --local_features=sift
   tfl-build-index --run=gs://b/runs/r50_finetune --local_features=delf \
       --delf_run=gs://b/runs/r50_delf --output_dir=gs://b/index/gldv2 --split=train+validation
   tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --global_search=ivf --resume

@@ -8,7 +8,7 @@ Examples:
   tfl-predict --export=gs://b/exports/gldv2 --test_records=gs://b/records/gldv2_test \
       --first_stage=knn --output_dir=gs://b/predictions/gldv2
 
-Classifies each query (or votes over its nearest index images, --first_stage), verifies the best
+Classifies each query (or looks up its nearest index images, --first_stage), verifies the best
 landmarks with local features and RANSAC against their index images, and writes recognition.csv
 and retrieval.csv (Kaggle's formats), recognition_unverified.csv (first stage only, for
 comparison), predictions.jsonl (everything about each query) and predict.log (per-query timing).

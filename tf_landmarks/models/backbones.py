@@ -184,10 +184,11 @@ def _efficientnet_lite_builder(variant: efficientnet_lite.Variant) -> Callable[.
 
 
 def _efficientnet_lite_entry(name: str, field: ReceptiveField) -> Backbone:
-  # DELF attaches to the end of stage 5, the last stride-16 map (112 channels in lite0).
+  # DELF attaches to the last stride-16 map: stage 5's output as block 6 expands it (672 channels
+  # in lite0, 720 in lite2), before block 6's strided depthwise convolution.
   variant = efficientnet_lite.VARIANTS[name]
   return Backbone(_efficientnet_lite_builder(variant), 'efficientnet_lite',
-                  efficientnet_lite.last_block_of_stage(variant, 5),
+                  efficientnet_lite.expansion_after_stage(5),
                   efficientnet_lite.block_names(variant), field, min_image_size=64,
                   imagenet=variant)
 
@@ -213,8 +214,8 @@ BACKBONES: Dict[str, Backbone] = {
             'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             f'{_KERAS_WEIGHTS_URL}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             '4d473c1dd8becc155b73f8504c6f6626')),
-    # Receptive fields of the end of stage 5: the stem, then every depthwise convolution (k×k)
-    # up to there. TensorFlow's 'same' padding pads a strided layer's even-sided input on the
+    # Receptive fields of the end of stage 5 (1×1 convolutions add nothing): the stem, then every
+    # depthwise convolution (k×k) up to there. TensorFlow's 'same' padding pads a strided layer's even-sided input on the
     # right only (k=3) or by one more on the right (k=5), hence input_multiple 16.
     'efficientnet_lite0': _efficientnet_lite_entry(
         'efficientnet_lite0', ReceptiveField(size=339, stride=16, padding=154, input_multiple=16)),

@@ -144,9 +144,16 @@ def block_names(variant: Variant) -> Tuple[str, ...]:
   return ('stem', *(f'block{index}' for index in range(1, len(_B0_STAGES) + 1)), 'top')
 
 
-def last_block_of_stage(variant: Variant, stage: int) -> str:
-  """Name of the layer that ends stage `stage` (1-based): its last block's residual sum."""
-  return f'block{stage}_{variant.stages()[stage - 1].repeats}_add'
+def expansion_after_stage(stage: int) -> str:
+  """Name of the layer that expands the output of stage `stage` (1-based) for the next stage.
+
+  The next stage's first block widens the map 6× (1×1 convolution, BatchNorm, ReLU6) before its
+  strided depthwise convolution, so this layer has the stage's resolution and receptive field
+  with 6× its channels, after a non-linearity: a better local descriptor than the stage's own
+  output, a linear bottleneck (DELF over Lite0's stage-5 sum, 112-d: pair ROC AUC 0.883 on the
+  real photos; over this 672-d layer: 0.952; BUILD_NOTES.md).
+  """
+  return f'block{stage + 1}_1_expand_relu'
 
 
 def build(variant: Variant, input_shape: Sequence[int], include_top: bool = False,
