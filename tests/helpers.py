@@ -1,9 +1,11 @@
 """Shared test builders: small images, CSV + image folders, records folders, the real-photo set."""
 
 import csv
+import importlib
 import io
 import os
 import pathlib
+import sys
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -21,6 +23,24 @@ REAL_DATA = REPO.parent / 'shared' / 'data' / 'landmarks-real'
 requires_real_data = pytest.mark.skipif(
     not (REAL_DATA / 'train.csv').exists(),
     reason=f'the real-photo set is not at {REAL_DATA} (clone the project with ../shared beside it)')
+
+# Google's GLDv2 scoring code (tensorflow/models, DELF), the judge of our scores and of the files we
+# write; `official_scoring(name)` imports one of its modules.
+OFFICIAL_SCORING = REPO.parent / 'shared' / 'reference' / 'gldv2_scoring'
+OFFICIAL_SCORING_PACKAGE = 'delf.python.datasets.google_landmarks_dataset'
+
+requires_official_scoring = pytest.mark.skipif(
+    not (OFFICIAL_SCORING / 'delf').is_dir(),
+    reason=f'Google\'s GLDv2 scoring code is not at {OFFICIAL_SCORING} (clone the project with '
+           '../shared beside it)')
+
+
+def official_scoring(name: str):
+  """The module `name` (metrics, dataset_file_io, …) of Google's scoring code."""
+  if str(OFFICIAL_SCORING) not in sys.path:
+    sys.path.insert(0, str(OFFICIAL_SCORING))
+  return importlib.import_module(f'{OFFICIAL_SCORING_PACKAGE}.{name}')
+
 
 GOOD_ROWS = [(f'good{i:02d}', 100 + i % 3) for i in range(18)]
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tf_landmarks import metrics
+from helpers import official_scoring, requires_official_scoring
 
 # Google's GAP example: 5 queries, q5 without a prediction.
 TRUTH = {'q1': 'B', 'q2': 'C', 'q3': 'A', 'q4': 'C', 'q5': 'D'}
@@ -34,6 +35,32 @@ def test_gap_prediction_on_a_non_landmark_query_counts_as_wrong_unless_told_to_i
   # Ignored: the ranking of the previous test, 0.604167.
   assert metrics.gap(predictions, truth, count_non_landmark_predictions=False) == (
       pytest.approx(0.604167, abs=1e-6))
+
+
+def test_gap_ranks_equal_confidences_by_query_id_then_label_not_by_file_order():
+  # Both at 0.5: the wrong qb comes first in the file, but qa (right) ranks first as on Kaggle:
+  # (1/1) / 2 = 0.5, where file order would give (1/2) / 2 = 0.25.
+  truth = {'qa': 'A', 'qb': 'B'}
+  assert metrics.gap({'qb': ('C', 0.5), 'qa': ('A', 0.5)}, truth) == pytest.approx(0.5)
+  assert metrics.gap({'qa': ('A', 0.5), 'qb': ('C', 0.5)}, truth) == pytest.approx(0.5)
+
+
+@requires_official_scoring
+@pytest.mark.parametrize('seed', range(5))
+def test_gap_with_ties_equals_googles_global_average_precision(seed):
+  official = official_scoring('metrics')
+  rng = np.random.default_rng(seed)
+  queries = [f'{i:016x}' for i in rng.permutation(200)]  # File order is not id order.
+  truth = {q: [] if rng.random() < 0.3 else [int(rng.integers(5))] for q in queries}
+  # Three confidence levels, so nearly every prediction is tied with many others.
+  predictions = {q: (int(rng.integers(5)), float(rng.choice([0.25, 0.5, 1.0])))
+                 for q in queries if rng.random() < 0.9}
+  as_google = {q: {'class': label, 'score': score} for q, (label, score) in predictions.items()}
+  for ignore_non_landmark in (False, True):
+    expected = official.GlobalAveragePrecision(as_google, truth,
+                                               ignore_non_gt_test_images=ignore_non_landmark)
+    assert metrics.gap(predictions, truth, count_non_landmark_predictions=not ignore_non_landmark
+                       ) == pytest.approx(expected, abs=1e-12)
 
 
 def test_gap_accepts_several_landmarks_per_query():

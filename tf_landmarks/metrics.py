@@ -44,7 +44,8 @@ def gap(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Tru
   first; GAP = (1/M) Σ_i P(i)·rel(i), where P(i) is the precision of the first i predictions,
   rel(i) is 1 if prediction i names a landmark of its query, and M is the number of queries whose
   ground truth has a landmark. A query without a prediction lowers GAP only through M. Equal
-  confidences keep the order of `predictions` (a stable sort).
+  confidences are ranked by query id, then label, ascending: Kaggle's convention, which Google's
+  scoring code follows, so that a tie scores the same whatever the order of the file.
 
   Args:
     predictions: query id → (label, confidence), or None for no prediction. Ids missing here are
@@ -61,6 +62,7 @@ def gap(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hashable, Tru
   Raises:
     ValueError: a predicted id is not in `truth`, a confidence is not a finite number, a prediction
       is not a (label, confidence) pair, or no query of `truth` has a landmark (GAP is undefined).
+    TypeError: query ids, or labels, that cannot be ordered among themselves (the tie order).
   """
   return gap_ranking(predictions, truth,
                      count_non_landmark_predictions=count_non_landmark_predictions).gap
@@ -97,7 +99,7 @@ def gap_ranking(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hasha
   num_landmark_queries = sum(1 for labels in truth.values() if _label_set(labels))
   if num_landmark_queries == 0:
     raise ValueError('no query of the ground truth shows a landmark, so GAP is undefined')
-  ranked = []  # (confidence, is_correct)
+  ranked = []  # (confidence, query id, label, is_correct)
   for query_id, prediction in predictions.items():
     if prediction is None:
       continue
@@ -109,9 +111,9 @@ def gap_ranking(predictions: Mapping[Hashable, Prediction], truth: Mapping[Hasha
     relevant = _label_set(truth[query_id])
     if not relevant and not count_non_landmark_predictions:
       continue
-    ranked.append((confidence, label in relevant))
-  ranked.sort(key=lambda entry: -entry[0])
-  is_correct = np.array([correct for _, correct in ranked], bool)
+    ranked.append((confidence, query_id, label, label in relevant))
+  ranked.sort(key=lambda entry: (-entry[0], entry[1], entry[2]))
+  is_correct = np.array([entry[3] for entry in ranked], bool)
   correct_so_far = np.cumsum(is_correct, dtype=np.float64)
   return GapRanking(precision=correct_so_far / np.arange(1, len(ranked) + 1),
                     recall=correct_so_far / num_landmark_queries, is_correct=is_correct,
