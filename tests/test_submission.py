@@ -61,6 +61,33 @@ def test_malformed_recognition_rows_are_reported_with_line_numbers(tmp_path, row
     submission.read_recognition_submission(path, truth)
 
 
+@pytest.mark.parametrize('task', ['recognition', 'retrieval'])
+def test_a_quote_left_open_is_one_short_error_naming_its_line(tmp_path, task):
+  # The open quote on line 3 swallows the 5,000 lines after it into one field.
+  column, value = ('landmarks', '1 0.5') if task == 'recognition' else ('images', 'a b')
+  rows = '\n'.join(f'x{i:04d},{value}' for i in range(5000))
+  path = _write(tmp_path, 'submission.csv', f'id,{column}\nq1,{value}\nq2,"{value}\n{rows}\n')
+  truth = {'q1': frozenset({1}), 'q2': frozenset({1})} if task == 'recognition' else \
+      {'q1': ('a',), 'q2': ('b',)}
+  with pytest.raises(submission.SubmissionError) as raised:
+    getattr(submission, f'read_{task}_submission')(path, truth)
+  message = str(raised.value)
+  assert 'line 3: a quoted field runs over several lines' in message
+  assert len(message) < len(path) + 200 and '\n' not in message
+
+
+def test_long_bad_values_are_shortened_in_the_message(tmp_path):
+  long_id, long_value = 'q' * 5000, '1 ' * 5000
+  path = _write(tmp_path, 'submission.csv', f'id,landmarks\n{long_id},1 0.5\n' + ''.join(
+      f'q{i},{long_value}\n' for i in range(1, 6)))
+  truth = submission.read_recognition_solution(_write(tmp_path, 'solution.csv', SOLUTION))
+  with pytest.raises(submission.SubmissionError,
+                     match=r"6 bad row\(s\): line 2: bad id 'q{40}'….*line 4: .*\(and 3 more\)"
+                     ) as raised:
+    submission.read_recognition_submission(path, truth)
+  assert len(str(raised.value)) < len(path) + 400
+
+
 def test_structural_errors(tmp_path):
   truth = submission.read_recognition_solution(_write(tmp_path, 'solution.csv', SOLUTION))
   with pytest.raises(csv_io.CsvError, match='missing column'):
@@ -117,6 +144,11 @@ def test_cli_scores_and_reports_bad_files_in_one_line(tmp_path):
   bad = _evaluate(f'--recognition_submission={unknown}', f'--recognition_solution={solution}')
   assert bad.returncode == 2 and 'line 2: id q9 is not a query of the solution' in bad.stderr
   assert 'Traceback' not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+  open_quote = _write(tmp_path, 'q.csv', 'id,landmarks\nq1,"2 0.5\n' + 'q2,3 0.5\n' * 20000)
+  bad = _evaluate(f'--recognition_submission={open_quote}', f'--recognition_solution={solution}')
+  # 20,000 lines outgrow csv's field limit (131,072 characters) before the file ends.
+  assert bad.returncode == 2 and 'in the row starting at line 2 (field larger' in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1 and len(bad.stderr) < len(open_quote) + 250
   half = _evaluate(f'--recognition_solution={solution}')
   assert half.returncode == 2 and 'give both' in half.stderr
 

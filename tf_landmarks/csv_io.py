@@ -65,7 +65,11 @@ class SkippedRow:
 def open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
   """Yields (line number, row dict) of a CSV after checking that it has the required columns.
 
-  A UTF-8 byte-order mark is ignored and header names are stripped.
+  A UTF-8 byte-order mark is ignored, header names are stripped and blank lines skipped. The line
+  number is the one the row starts on: a quoted field can run over several lines (an unterminated
+  quote runs to the end of the file), and the problem is where the row begins. As in
+  `csv.DictReader`, a short row's missing columns are None and a long row's extra fields are a list
+  under the key None.
 
   Raises:
     CsvError: the file is missing, unreadable, empty or lacks a required column.
@@ -76,8 +80,8 @@ def open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     try:
       lines = iter(f)
       first_line = next(lines, '').removeprefix(_BYTE_ORDER_MARK)
-      reader = csv.DictReader(itertools.chain([first_line], lines))
-      header = reader.fieldnames
+      reader = csv.reader(itertools.chain([first_line], lines))
+      header = next(reader, [])
     except (csv.Error, UnicodeDecodeError) as error:
       raise CsvError(f'{path}: not a readable CSV ({error})') from None
     if not header:
@@ -88,12 +92,22 @@ def open_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     if missing:
       raise CsvError(f'{path}: missing column(s) {", ".join(missing)}; the header has '
                      f'{", ".join(header) or "no columns"}')
-    reader.fieldnames = header
+    last_line = reader.line_num
     try:
-      for row in reader:
-        yield reader.line_num, row
+      for fields in reader:
+        first_line, last_line = last_line + 1, reader.line_num
+        if not fields:
+          continue
+        row = dict.fromkeys(header)
+        row.update(zip(header, fields))
+        if len(fields) > len(header):
+          row[None] = fields[len(header):]
+        yield first_line, row
     except (csv.Error, UnicodeDecodeError) as error:
-      raise CsvError(f'{path}: not a readable CSV near line {reader.line_num} ({error})') from None
+      # Named by the line the unreadable row starts on: an open quote is detected only where the
+      # field it opened outgrows csv's limit, thousands of lines further.
+      raise CsvError(f'{path}: not a readable CSV in the row starting at line {last_line + 1} '
+                     f'({error})') from None
 
 
 def _check_id(source: str, line: int, raw_id: Optional[str], seen: set,
@@ -113,7 +127,7 @@ def _check_id(source: str, line: int, raw_id: Optional[str], seen: set,
   return None
 
 
-def _quoted(text: Optional[str], limit: int = 40) -> str:
+def quoted(text: Optional[str], limit: int = 40) -> str:
   """`text` quoted, shortened if long: reasons are one-line messages and manifest entries."""
   return repr(text) if text is None or len(text) <= limit else f'{text[:limit]!r}…'
 
@@ -122,14 +136,14 @@ def _parse_landmark_id(text: Optional[str]) -> tuple[Optional[int], str]:
   """Returns (landmark id, '') or (None, the reason it is unusable)."""
   digits = (text or '').strip()
   if not _ASCII_DIGITS.fullmatch(digits):
-    return None, (f'landmark_id {_quoted(text)} is not a non-negative integer '
+    return None, (f'landmark_id {quoted(text)} is not a non-negative integer '
                   '(ASCII digits 0-9 only)')
   # Comparing lengths first keeps int() off huge strings (it refuses over 4300 digits); leading
   # zeros would make that comparison wrong.
   digits = digits.lstrip('0') or '0'
   value = int(digits) if len(digits) <= len(str(_INT64_MAX)) else None
   if value is None or value > _INT64_MAX:
-    return None, f'landmark_id {_quoted(text)} is too large (the largest is {_INT64_MAX}, int64)'
+    return None, f'landmark_id {quoted(text)} is too large (the largest is {_INT64_MAX}, int64)'
   return value, ''
 
 

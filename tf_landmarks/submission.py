@@ -23,7 +23,8 @@ from tf_landmarks import files
 from tf_landmarks import metrics
 
 RETRIEVAL_DEPTH = 100
-_SHOWN_PROBLEMS = 5
+# The message is one line: a few problems, each with its value shortened, show what is wrong.
+_SHOWN_PROBLEMS = 3
 # The prediction command's output folder (tf_landmarks/predict.py writes it, this module reads it).
 PREDICTIONS_FORMAT = 'tf-landmarks predictions v1'
 PREDICTIONS_JSON = 'predict.json'
@@ -45,11 +46,21 @@ def _raise_if(problems: List[str], path: str) -> None:
                           f'{"; ".join(problems[:_SHOWN_PROBLEMS])}{more}')
 
 
+def _runs_over_lines(line: int, row: dict, problems: List[str]) -> bool:
+  """True (and a problem noted) if a field of the row holds a line break: no id, landmark or
+  confidence does, so it is a quote left open, which swallows the lines after it."""
+  fields = [value for value in row.values() if isinstance(value, str)] + (row.get(None) or [])
+  if any('\n' in field or '\r' in field for field in fields):
+    problems.append(f'line {line}: a quoted field runs over several lines (a quote left open?)')
+    return True
+  return False
+
+
 def _query_id(line: int, row: dict, seen: set, problems: List[str],
               known: Optional[Mapping]) -> Optional[str]:
   query_id = (row.get('id') or '').strip()
   if not csv_io.is_safe_image_id(query_id):
-    problems.append(f'line {line}: bad id {query_id!r}')
+    problems.append(f'line {line}: bad id {csv_io.quoted(query_id)}')
   elif query_id in seen:
     problems.append(f'line {line}: id {query_id} repeated')
   elif known is not None and query_id not in known:
@@ -64,11 +75,14 @@ def read_recognition_solution(path: str) -> Dict[str, FrozenSet[int]]:
   """Query id → its landmark ids (empty for a query that shows no landmark)."""
   solution, problems, seen = {}, [], set()
   for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
+    if _runs_over_lines(line, row, problems):
+      continue
     query_id = _query_id(line, row, seen, problems, None)
     try:
       landmarks = frozenset(int(value) for value in (row.get('landmarks') or '').split())
     except ValueError:
-      problems.append(f'line {line}: landmarks {row.get("landmarks")!r} are not integers')
+      problems.append(f'line {line}: landmarks {csv_io.quoted(row.get("landmarks"))} are not '
+                      'integers')
       continue
     if query_id is not None:
       solution[query_id] = landmarks
@@ -83,6 +97,8 @@ def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]
   """Query id → (landmark id, confidence) or None; every id must be a query of `solution`."""
   predictions, problems, seen = {}, [], set()
   for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
+    if _runs_over_lines(line, row, problems):
+      continue
     query_id = _query_id(line, row, seen, problems, solution)
     value = (row.get('landmarks') or '').split()
     if not value:
@@ -94,7 +110,7 @@ def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]
           raise ValueError
         prediction = (landmark, confidence)
       except (ValueError, IndexError):
-        problems.append(f'line {line}: landmarks {row.get("landmarks")!r} is not '
+        problems.append(f'line {line}: landmarks {csv_io.quoted(row.get("landmarks"))} is not '
                         '"<landmark_id> <confidence>"')
         continue
     if query_id is not None:
@@ -114,6 +130,8 @@ def read_retrieval_solution(path: str) -> Dict[str, Tuple[str, ...]]:
   """Query id → its relevant index image ids (queries without any are kept, with none)."""
   solution, problems, seen = {}, [], set()
   for line, row in csv_io.open_rows(path, ('id', 'images')):
+    if _runs_over_lines(line, row, problems):
+      continue
     query_id = _query_id(line, row, seen, problems, None)
     if query_id is not None:
       solution[query_id] = tuple((row.get('images') or '').split())
@@ -137,6 +155,8 @@ def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
   """
   rankings, problems, seen, other_queries = {}, [], set(), 0
   for line, row in csv_io.open_rows(path, ('id', 'images')):
+    if _runs_over_lines(line, row, problems):
+      continue
     query_id = _query_id(line, row, seen, problems, None)
     images = tuple((row.get('images') or '').split())
     if len(images) > RETRIEVAL_DEPTH:
