@@ -205,8 +205,17 @@ def test_cli_scores_a_predictions_folder_and_writes_the_report(tmp_path):
   assert scores['recognition_first_stage']['gap'] == pytest.approx(1 / 9)
   # Verified per class: 1000 (1, 1), 1001 (P none, R 0), 1002 (1, 1); macro F1 over 3 = 2/3.
   assert scores['recognition']['per_class']['macro_f1'] == pytest.approx(2 / 3)
+  # The Public leaderboard leaves out qc, the one Private query (which has no landmark, so the
+  # Private leaderboard has no GAP): first stage qb ✗ .6, qa ✓ .5, qd ✗ → (1/2) / 3.
+  assert scores['recognition_first_stage']['usage'] == {
+      'Public': pytest.approx({'gap': 1 / 6, 'gap_landmark_queries_only': 1 / 6,
+                               'accuracy_on_landmark_queries': 1 / 3, 'queries': 3,
+                               'landmark_queries': 3, 'predictions': 3,
+                               'predictions_on_non_landmark_queries': 0})}
+  assert '  Public: GAP 0.1667' in result.stdout
   page = (tmp_path / 'report' / 'index.html').read_text()
   assert '0.6667' in page and '0.1111' in page and '0.5000' in page
+  assert '<tr><th>GAP, Public</th><td class="n">0.1667</td><td class="n">0.6667</td></tr>' in page
   assert 'no match pictures: no drawer was given' in page
   assert_is_a_picture(tmp_path / 'report' / report.CLASS_FREQUENCY_PNG)
   per_class = list(csv.DictReader((tmp_path / 'report' / report.PER_CLASS_CSV).open()))

@@ -101,7 +101,7 @@ def test_structural_errors(tmp_path):
 
 def test_retrieval_map_at_100_through_files(tmp_path):
   truth = submission.read_retrieval_solution(_write(
-      tmp_path, 'solution.csv', 'id,images,Usage\nq1,a b,Private\nq2,c,Public\nq3,,Public\n'))
+      tmp_path, 'solution.csv', 'id,images,Usage\nq1,a b,Private\nq2,c,Public\nq3,None,Ignored\n'))
   rankings = submission.read_retrieval_submission(_write(
       tmp_path, 'submission.csv', 'id,images\nq1,a x b\nq2,y z\nq3,a\n'), truth)
   # q1: AP = (1/1 + 2/3) / 2 = 0.8333; q2: 0; q3 has no relevant image and is not averaged.
@@ -124,6 +124,73 @@ def test_retrieval_map_at_100_through_files(tmp_path):
   with pytest.raises(submission.SubmissionError, match='101 images, at most 100'):
     submission.read_retrieval_submission(
         _write(tmp_path, 'long.csv', f'id,images\nq1,{too_many}\n'), truth)
+
+
+# Kaggle's leaderboards: qa, qb Public, qc, qd Private; qe and qf Ignored, so never scored, though
+# their confident predictions would move every number.
+USAGE_SOLUTION = ('id,landmarks,Usage\nqa,1,Public\nqb,2,Public\nqc,3,Private\nqd,4,Private\n'
+                  'qe,5,Ignored\nqf,,Ignored\n')
+USAGE_SUBMISSION = 'id,landmarks\nqa,1 0.9\nqb,7 0.8\nqc,3 0.7\nqd,\nqe,5 0.95\nqf,6 0.99\n'
+USAGE_RETRIEVAL_SOLUTION = 'id,images,Usage\nq1,a b,Public\nq2,c,Private\nq3,None,Ignored\n'
+USAGE_RETRIEVAL_SUBMISSION = 'id,images\nq1,a x b\nq2,y c\nq3,z\n'
+
+
+def test_public_and_private_are_scored_apart_and_ignored_queries_not_at_all(tmp_path):
+  truth = submission.read_recognition_solution(_write(tmp_path, 's.csv', USAGE_SOLUTION))
+  assert set(truth) == {'qa', 'qb', 'qc', 'qd'} and truth.ignored == {'qe', 'qf'}
+  predictions = submission.read_recognition_submission(_write(tmp_path, 'p.csv', USAGE_SUBMISSION),
+                                                       truth)
+  assert set(predictions) == {'qa', 'qb', 'qc', 'qd'}
+  scores = submission.score_recognition(predictions, truth)
+  # Public: qa ✓ (1/1), qb ✗: 1 / 2. Private: qc ✓ (1/1), qd no prediction: 1 / 2. All four:
+  # qa ✓, qb ✗, qc ✓ (2/3): (1 + 2/3) / 4. Scoring qe and qf too would give 0.3533.
+  assert scores['gap'] == pytest.approx(5 / 12)
+  assert scores['usage']['Public']['gap'] == pytest.approx(0.5)
+  assert scores['usage']['Private']['gap'] == pytest.approx(0.5)
+  assert scores['usage']['Private']['accuracy_on_landmark_queries'] == pytest.approx(0.5)
+  relevant = submission.read_retrieval_solution(_write(tmp_path, 'r.csv', USAGE_RETRIEVAL_SOLUTION))
+  rankings = submission.read_retrieval_submission(
+      _write(tmp_path, 'q.csv', USAGE_RETRIEVAL_SUBMISSION), relevant)
+  retrieval = submission.score_retrieval(rankings, relevant)
+  # Public q1: (1/1 + 2/3) / 2; Private q2: (1/2) / 1; q3 (None, Ignored) is no query with an
+  # image named 'None', which would give (5/6 + 1/2 + 0) / 3 = 0.4444.
+  assert retrieval['map@100'] == pytest.approx((5 / 6 + 1 / 2) / 2)
+  assert retrieval['usage']['Public']['map@100'] == pytest.approx(5 / 6)
+  assert retrieval['usage']['Private']['map@100'] == pytest.approx(0.5)
+
+
+def test_a_solution_without_usage_is_scored_as_one_set(tmp_path):
+  truth = submission.read_recognition_solution(_write(
+      tmp_path, 's.csv', 'id,landmarks\nqa,1\nqb,2\nqc,\n'))
+  predictions = {'qa': (1, 0.5), 'qb': (3, 0.5), 'qc': (2, 0.9)}
+  # qc (no landmark, 0.9) ✗, then the tie qa ✓ (1/2), qb ✗: (1/2) / 2.
+  assert submission.score_recognition(predictions, truth) == pytest.approx({
+      'gap': 0.25, 'gap_landmark_queries_only': 0.5, 'accuracy_on_landmark_queries': 0.5,
+      'queries': 3, 'landmark_queries': 2, 'predictions': 3,
+      'predictions_on_non_landmark_queries': 1})
+  # A retrieval query without images, empty or None, is not scored when no Usage says otherwise.
+  relevant = submission.read_retrieval_solution(_write(
+      tmp_path, 'r.csv', 'id,images\nq1,a b\nq2,None\nq3,\n'))
+  assert dict(relevant) == {'q1': ('a', 'b')} and relevant.ignored == {'q2', 'q3'}
+  rankings = submission.read_retrieval_submission(
+      _write(tmp_path, 'q.csv', 'id,images\nq1,b\nq2,x\n'), relevant)
+  assert submission.score_retrieval(rankings, relevant) == {
+      'map@100': 0.5, 'queries_with_relevant_images': 1}
+
+
+@pytest.mark.parametrize('task,rows,message', [
+    ('recognition', 'q1,1,public', "line 2: Usage 'public' is not Public, Private or Ignored"),
+    ('recognition', 'q1,1', "line 2: Usage None is not Public"),
+    ('recognition', 'q1,None,Public', "line 2: landmarks 'None' are not integers"),
+    ('retrieval', 'q1,None,Public', 'line 2: a Public query without images; a query without any '
+     'is Ignored'),
+    ('retrieval', 'q1,,Private', 'line 2: a Private query without images'),
+])
+def test_solution_rows_google_would_misread_are_errors(tmp_path, task, rows, message):
+  column = 'landmarks' if task == 'recognition' else 'images'
+  path = _write(tmp_path, 's.csv', f'id,{column},Usage\n{rows}\nq2,7,Public\n')
+  with pytest.raises(submission.SubmissionError, match=message):
+    getattr(submission, f'read_{task}_solution')(path)
 
 
 def _evaluate(*args):
@@ -151,6 +218,26 @@ def test_cli_scores_and_reports_bad_files_in_one_line(tmp_path):
   assert len(bad.stderr.strip().splitlines()) == 1 and len(bad.stderr) < len(open_quote) + 250
   half = _evaluate(f'--recognition_solution={solution}')
   assert half.returncode == 2 and 'give both' in half.stderr
+
+
+def test_cli_prints_and_writes_public_private_and_all(tmp_path):
+  result = _evaluate(
+      f'--recognition_submission={_write(tmp_path, "p.csv", USAGE_SUBMISSION)}',
+      f'--recognition_solution={_write(tmp_path, "s.csv", USAGE_SOLUTION)}',
+      f'--retrieval_submission={_write(tmp_path, "q.csv", USAGE_RETRIEVAL_SUBMISSION)}',
+      f'--retrieval_solution={_write(tmp_path, "r.csv", USAGE_RETRIEVAL_SOLUTION)}',
+      f'--output_json={tmp_path / "scores.json"}')
+  assert result.returncode == 0, result.stderr
+  for line in ('recognition: GAP 0.4167', '  Public: GAP 0.5000', '  Private: GAP 0.5000',
+               '  2 Ignored queries are not scored', 'retrieval: mAP@100 0.6667',
+               '  Public: mAP@100 0.8333', '  Private: mAP@100 0.5000'):
+    assert f'\n{line}' in f'\n{result.stdout}', line
+  scores = json.loads((tmp_path / 'scores.json').read_text())
+  assert scores['recognition']['gap'] == pytest.approx(5 / 12)
+  assert {board: numbers['gap'] for board, numbers in scores['recognition']['usage'].items()} == \
+      pytest.approx({'Public': 0.5, 'Private': 0.5})
+  assert {board: numbers['map@100'] for board, numbers in scores['retrieval']['usage'].items()} == \
+      pytest.approx({'Public': 5 / 6, 'Private': 0.5})
 
 
 @requires_real_data
@@ -210,3 +297,4 @@ def test_open_predictions_folder_finds_the_files_and_checks_the_format(tmp_path)
     submission.open_predictions_folder(str(tmp_path))
   with pytest.raises(submission.SubmissionError, match='not a predictions folder'):
     submission.open_predictions_folder(str(tmp_path / 'missing'))
+

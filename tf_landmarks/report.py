@@ -10,7 +10,7 @@ per-class scores of every landmark (the page shows only the most involved ones).
 import dataclasses
 import datetime
 import html
-from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -125,6 +125,26 @@ def _scores_table(columns: Sequence[Tuple[str, Dict[str, float],
   return f'<table><tr><th>recognition</th>{header}</tr>{"".join(body)}</table>'
 
 
+def _leaderboard_table(task: str, columns: Sequence[Tuple[str, Dict[str, Any]]],
+                       rows: Sequence[Tuple[str, str, Callable[[Any], str]]]) -> str:
+  """The scores of all scored queries and of Kaggle's Public and Private leaderboards apart (the
+  solution's Usage), one column per submission of one solution; '' for a solution without Usage."""
+  boards = list(columns[-1][1].get('usage', {}))
+  if not boards:
+    return ''
+  header = ''.join(f'<th>{_e(name)}</th>' for name, _ in columns)
+  body = []
+  for label, key, show in rows:
+    for board in ('all', *boards):
+      cells = ''.join(
+          f'<td class="n">{_e(show((scores if board == "all" else scores["usage"][board])[key]))}'
+          '</td>' for _, scores in columns)
+      body.append(f'<tr><th>{_e(label)}, {_e(board)}</th>{cells}</tr>')
+  return ('<p>Kaggle\'s leaderboards, from the solution\'s Usage: "all" is the Public and Private '
+          'queries together; Ignored queries are not scored.</p>'
+          f'<table><tr><th>{_e(task)}</th>{header}</tr>{"".join(body)}</table>')
+
+
 def _per_class_rows(per_class: submission.PerClassRecognition,
                     train_counts: Optional[Mapping[int, int]]) -> List[Tuple]:
   """Every landmark's row, most involved first: its test queries plus its wrong predictions."""
@@ -226,10 +246,12 @@ def write_report(report_dir: str, *,
   Args:
     report_dir: the folder (created if needed; a previous report there is replaced).
     recognition_solution: query id → its landmark ids; with `recognition`, the recognition part.
+      A `submission.Solution` with Usage adds the Public and Private scores apart.
     recognition: the (verified) recognition submission: query id → (landmark id, confidence) or
       None. Per-class scores, the confusion matrix and the mistakes are of this one.
     first_stage_recognition: the same queries before verification, scored and drawn beside it.
-    retrieval_solution: query id → relevant index image ids; with `retrieval`, the mAP@100.
+    retrieval_solution: query id → relevant index image ids; with `retrieval`, the mAP@100 (also
+      of the Public and Private queries apart, as for recognition).
     retrieval: query id → index image ids, best first.
     train_class_counts: landmark id → training images (for the class-frequency histogram and the
       tables), e.g. from `records.load(path)`.
@@ -272,7 +294,12 @@ def write_report(report_dir: str, *,
     _, scores, per_class = columns[-1]
     body.append('<h2>Recognition</h2>'
                 f'<p>{scores["queries"]} queries, {scores["landmark_queries"]} of them showing a '
-                f'landmark.</p>' + _scores_table(columns))
+                f'landmark.</p>' + _scores_table(columns) + _leaderboard_table(
+                    'recognition', [(name, scores) for name, scores, _ in columns],
+                    [('GAP', 'gap', _number),
+                     ('GAP over landmark queries only', 'gap_landmark_queries_only', _number),
+                     ('accuracy on landmark queries', 'accuracy_on_landmark_queries', _number),
+                     ('queries', 'queries', str)]))
     plots.precision_recall_curve(named, recognition_solution,
                                  files.join(report_dir, PRECISION_RECALL_PNG))
     figures.append(_figure(PRECISION_RECALL_PNG, 'Precision–recall of the recognition '
@@ -287,7 +314,10 @@ def write_report(report_dir: str, *,
     body.append('<h2>Retrieval</h2><table class="headline"><tr><th>mAP@100</th>'
                 f'<td class="n">{_number(retrieval_scores["map@100"])}</td></tr><tr><th>queries '
                 f'with relevant index images</th><td class="n">'
-                f'{retrieval_scores["queries_with_relevant_images"]}</td></tr></table>')
+                f'{retrieval_scores["queries_with_relevant_images"]}</td></tr></table>'
+                + _leaderboard_table('retrieval', [('submission', retrieval_scores)],
+                                     [('mAP@100', 'map@100', _number),
+                                      ('queries', 'queries_with_relevant_images', str)]))
   if figures:
     body.append('<h2>Pictures</h2><div class="figures">' + ''.join(figures) + '</div>')
   if recognition is not None:

@@ -1,18 +1,25 @@
 """Kaggle submission and solution files of the Google Landmark challenges: read, check, write, score.
 
-Recognition: the solution is `id,landmarks[,Usage]` (space-separated landmark ids; empty for a query
-without a landmark); a submission is `id,landmarks` with one `"<landmark_id> <confidence>"` or
-nothing. Retrieval: the solution is `id,images[,Usage]` (the relevant index images); a submission is
-`id,images` with up to 100 index image ids, best first. Submissions are untrusted input: every
-malformed row is reported with its line number, and nothing is scored until the file is clean
-(unreadable files and missing columns raise `csv_io.CsvError`, like the builder's CSVs).
-Besides the challenge scores, `per_class_recognition` gives each landmark's precision, recall and F1.
-`open_predictions_folder` finds the submissions in the output folder of the prediction command.
+Solutions are in the format of Google's scoring code (GLDv2's `dataset_file_io.py`), which lists
+every test image with its `Usage`: Public and Private queries are scored apart (Kaggle's two
+leaderboards), Ignored ones not at all. Recognition: `id,landmarks,Usage` (space-separated landmark
+ids; empty for a query without a landmark, which is scored: a prediction on it is wrong).
+Retrieval: `id,images,Usage` (the relevant index images; `None` for a query without any, which is
+Ignored). A solution without the Usage column is read too, all its queries as one set (a retrieval
+query without images then is not scored). A recognition submission is `id,landmarks` with one
+`"<landmark_id> <confidence>"` or nothing; a retrieval submission `id,images` with up to 100 index
+image ids, best first. Submissions are untrusted input: every malformed row is reported with its
+line number, and nothing is scored until the file is clean (unreadable files and missing columns
+raise `csv_io.CsvError`, like the builder's CSVs). Scores are of all scored queries, and of the
+Public and Private ones apart (`"usage"`). Besides the challenge scores, `per_class_recognition`
+gives each landmark's precision, recall and F1. `open_predictions_folder` finds the submissions in
+the output folder of the prediction command.
 """
 
 import dataclasses
 import math
-from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 import tensorflow as tf
@@ -32,11 +39,75 @@ RECOGNITION_CSV = 'recognition.csv'
 UNVERIFIED_RECOGNITION_CSV = 'recognition_unverified.csv'
 RETRIEVAL_CSV = 'retrieval.csv'
 
+# Kaggle's leaderboards, in the order they are shown, and the Usage of a test image not scored.
+PUBLIC, PRIVATE, IGNORED = 'Public', 'Private', 'Ignored'
+LEADERBOARDS = (PUBLIC, PRIVATE)
+# What GLDv2's retrieval solution lists as the images of a query without relevant ones.
+NO_IMAGES = 'None'
+
 Prediction = Optional[Tuple[int, float]]
 
 
 class SubmissionError(errors.UserError):
   """A submission or solution file cannot be scored; the message lists the problems."""
+
+
+class Solution(Mapping):
+  """A solution: query id → the truth of each scored query, and each one's Usage.
+
+  As a mapping it holds the queries that are scored, so that it can be given wherever a plain
+  query → truth mapping is (a plain dict is a solution without Usage).
+
+  Attributes:
+    usage: query id → Public or Private for every scored query; empty for a solution without a
+      Usage column.
+    ignored: the test images listed but not scored (Usage Ignored; retrieval queries without
+      relevant images in a solution without Usage).
+  """
+
+  def __init__(self, truth: Mapping[str, Any], usage: Optional[Mapping[str, str]] = None,
+               ignored: Iterable[str] = ()):
+    self._truth = dict(truth)
+    self.usage = dict(usage or {})
+    self.ignored = frozenset(ignored)
+    if self.usage and (set(self.usage) != set(self._truth)
+                       or not set(self.usage.values()) <= set(LEADERBOARDS)):
+      raise ValueError('usage must give every scored query Public or Private')
+    if not self.ignored.isdisjoint(self._truth):
+      raise ValueError('a query is both scored and ignored')
+
+  def __getitem__(self, query_id: str) -> Any:
+    return self._truth[query_id]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._truth)
+
+  def __len__(self) -> int:
+    return len(self._truth)
+
+  def leaderboards(self) -> Dict[str, Dict[str, Any]]:
+    """Public and Private (those present, in that order) → query id → truth of their queries."""
+    return {board: {query: truth for query, truth in self._truth.items()
+                    if self.usage[query] == board}
+            for board in LEADERBOARDS if board in self.usage.values()}
+
+
+def _ignored(solution: Mapping) -> FrozenSet[str]:
+  return solution.ignored if isinstance(solution, Solution) else frozenset()
+
+
+def _by_leaderboard(solution: Mapping, score: Callable[[Mapping], Dict[str, Any]],
+                    scorable: Callable[[Mapping], bool]) -> Dict[str, Any]:
+  """{'usage': {Public/Private: score(its queries)}} for a solution with Usage, else {}.
+
+  A leaderboard without a `scorable` query (no landmark, no relevant image) has no score, so it is
+  left out; Google's scoring code divides by zero there.
+  """
+  if not isinstance(solution, Solution):
+    return {}
+  boards = {board: score(queries) for board, queries in solution.leaderboards().items()
+            if scorable(queries)}
+  return {'usage': boards} if boards else {}
 
 
 def _raise_if(problems: List[str], path: str) -> None:
@@ -71,35 +142,75 @@ def _query_id(line: int, row: dict, seen: set, problems: List[str],
   return None
 
 
-def read_recognition_solution(path: str) -> Dict[str, FrozenSet[int]]:
-  """Query id → its landmark ids (empty for a query that shows no landmark)."""
-  solution, problems, seen = {}, [], set()
-  for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
+def _read_solution(path: str, column: str, parse: Callable[[str], Any],
+                   needs_truth: bool) -> Solution:
+  """Reads `id,<column>[,Usage]`; `parse` turns a scored row's column into its truth or raises
+  ValueError with the problem. With `needs_truth`, a row with an empty truth is a query that is
+  not scored: an error for a Public or Private row (Google's code would score it as a query that
+  nothing answers), ignored in a solution without Usage."""
+  truth, usage, ignored, problems, seen = {}, {}, set(), [], set()
+  for line, row in csv_io.open_rows(path, ('id', column)):
     if _runs_over_lines(line, row, problems):
       continue
     query_id = _query_id(line, row, seen, problems, None)
-    try:
-      landmarks = frozenset(int(value) for value in (row.get('landmarks') or '').split())
-    except ValueError:
-      problems.append(f'line {line}: landmarks {csv_io.quoted(row.get("landmarks"))} are not '
-                      'integers')
+    board = row.get('Usage') if 'Usage' in row else None
+    if 'Usage' in row and board not in (*LEADERBOARDS, IGNORED):
+      problems.append(f'line {line}: Usage {csv_io.quoted(board)} is not Public, Private or '
+                      'Ignored')
       continue
-    if query_id is not None:
-      solution[query_id] = landmarks
+    if board == IGNORED:
+      # Not read further, as in Google's code: GLDv2 writes None there.
+      if query_id is not None:
+        ignored.add(query_id)
+      continue
+    try:
+      value = parse(row.get(column) or '')
+    except ValueError as error:
+      problems.append(f'line {line}: {error}')
+      continue
+    if needs_truth and not value and board is not None:
+      problems.append(f'line {line}: a {board} query without {column}; a query without any is '
+                      'Ignored')
+    elif query_id is None:
+      continue
+    elif needs_truth and not value:
+      ignored.add(query_id)
+    else:
+      truth[query_id] = value
+      if board is not None:
+        usage[query_id] = board
   _raise_if(problems, path)
-  if not solution:
-    raise SubmissionError(f'{path}: no queries')
-  return solution
+  if not truth:
+    raise SubmissionError(f'{path}: no scored queries')
+  return Solution(truth, usage, ignored)
+
+
+def _landmark_ids(value: str) -> FrozenSet[int]:
+  try:
+    return frozenset(int(landmark) for landmark in value.split())
+  except ValueError:
+    raise ValueError(f'landmarks {csv_io.quoted(value)} are not integers') from None
+
+
+def read_recognition_solution(path: str) -> Solution:
+  """Query id → its landmark ids (empty for a query that shows no landmark), with Usage."""
+  return _read_solution(path, 'landmarks', _landmark_ids, needs_truth=False)
 
 
 def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]]
                                 ) -> Dict[str, Prediction]:
-  """Query id → (landmark id, confidence) or None; every id must be a query of `solution`."""
+  """Query id → (landmark id, confidence) or None for the scored queries of `solution`.
+
+  Every id must be a test image of the solution; rows for its ignored ones are checked like the
+  rest and then left out, as Google's scoring code does.
+  """
   predictions, problems, seen = {}, [], set()
+  ignored = _ignored(solution)
+  known = set(solution) | ignored
   for line, row in csv_io.open_rows(path, ('id', 'landmarks')):
     if _runs_over_lines(line, row, problems):
       continue
-    query_id = _query_id(line, row, seen, problems, solution)
+    query_id = _query_id(line, row, seen, problems, known)
     value = (row.get('landmarks') or '').split()
     if not value:
       prediction = None
@@ -113,7 +224,7 @@ def read_recognition_submission(path: str, solution: Mapping[str, FrozenSet[int]
         problems.append(f'line {line}: landmarks {csv_io.quoted(row.get("landmarks"))} is not '
                         '"<landmark_id> <confidence>"')
         continue
-    if query_id is not None:
+    if query_id is not None and query_id not in ignored:
       predictions[query_id] = prediction
   _raise_if(problems, path)
   return predictions
@@ -126,28 +237,27 @@ def write_recognition_submission(path: str, predictions: Mapping[str, Prediction
       for query_id, prediction in predictions.items()))
 
 
-def read_retrieval_solution(path: str) -> Dict[str, Tuple[str, ...]]:
-  """Query id → its relevant index image ids (queries without any are kept, with none)."""
-  solution, problems, seen = {}, [], set()
-  for line, row in csv_io.open_rows(path, ('id', 'images')):
-    if _runs_over_lines(line, row, problems):
-      continue
-    query_id = _query_id(line, row, seen, problems, None)
-    if query_id is not None:
-      solution[query_id] = tuple((row.get('images') or '').split())
-  _raise_if(problems, path)
-  if not solution:
-    raise SubmissionError(f'{path}: no queries')
-  return solution
+def _image_ids(value: str) -> Tuple[str, ...]:
+  images = tuple(value.split())
+  return () if images == (NO_IMAGES,) else images
+
+
+def read_retrieval_solution(path: str) -> Solution:
+  """Query id → its relevant index image ids for the scored queries, with Usage.
+
+  A Public or Private query without relevant images (empty or `None`) is an error: Google's code
+  would score it as a query that no image answers. Mark it Ignored, as GLDv2 does.
+  """
+  return _read_solution(path, 'images', _image_ids, needs_truth=True)
 
 
 def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
                               ) -> Dict[str, Tuple[str, ...]]:
-  """Query id → up to 100 index image ids, best first, for the queries of `solution`.
+  """Query id → up to 100 index image ids, best first, for the scored queries of `solution`.
 
-  A submission has a row for every test image, but retrieval solutions list only the queries that
-  are scored (those with relevant index images, in the Kaggle files and ours), so rows for other
-  queries are checked like the rest and then left out, as Kaggle does.
+  A submission has a row for every test image. GLDv2's retrieval solution lists them all (those not
+  scored as Ignored), but older ones list only the scored queries, so rows for ignored queries and
+  for queries the solution does not list are checked like the rest and then left out.
 
   Raises:
     SubmissionError: a malformed or repeated row, or no row for any query of `solution` (the wrong
@@ -197,9 +307,11 @@ def recognition_ranking(predictions: Mapping[str, Prediction],
 
 
 def score_recognition(predictions: Mapping[str, Prediction],
-                      solution: Mapping[str, FrozenSet[int]]) -> Dict[str, float]:
+                      solution: Mapping[str, FrozenSet[int]]) -> Dict[str, Any]:
   """GAP as Kaggle scores it (predictions on non-landmark queries count as wrong), GAP over
-  landmark queries only, accuracy of the predictions on landmark queries, and counts."""
+  landmark queries only, accuracy of the predictions on landmark queries, and counts, over all the
+  scored queries; for a `Solution` with Usage, the same again for the Public and the Private
+  queries apart under "usage" (a leaderboard without landmark queries is left out)."""
   landmark_queries = [query for query, landmarks in solution.items() if landmarks]
   correct = sum(1 for query in landmark_queries
                 if predictions.get(query) and predictions[query][0] in solution[query])
@@ -213,6 +325,9 @@ def score_recognition(predictions: Mapping[str, Prediction],
       'predictions_on_non_landmark_queries': sum(
           1 for query, prediction in predictions.items()
           if prediction is not None and not solution[query]),
+      **_by_leaderboard(solution, lambda queries: score_recognition(
+          {query: predictions[query] for query in queries if query in predictions}, queries),
+                        scorable=lambda queries: any(queries.values())),
   }
 
 
@@ -286,11 +401,15 @@ def per_class_recognition(predictions: Mapping[str, Prediction],
 
 
 def score_retrieval(rankings: Mapping[str, Sequence[str]],
-                    solution: Mapping[str, Sequence[str]]) -> Dict[str, float]:
-  """mAP@100 over the queries with relevant images, as the Kaggle retrieval challenge scores it."""
+                    solution: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
+  """mAP@100 over the queries with relevant images, as the Kaggle retrieval challenge scores it;
+  for a `Solution` with Usage, also for the Public and the Private queries apart under "usage"."""
   truth = {query: set(images) or None for query, images in solution.items()}
   return {'map@100': metrics.mean_average_precision_at_k(rankings, truth, RETRIEVAL_DEPTH),
-          'queries_with_relevant_images': sum(1 for images in solution.values() if images)}
+          'queries_with_relevant_images': sum(1 for images in solution.values() if images),
+          **_by_leaderboard(solution, lambda queries: score_retrieval(
+              {query: rankings[query] for query in queries if query in rankings}, queries),
+                            scorable=lambda queries: any(queries.values()))}
 
 
 @dataclasses.dataclass(frozen=True)

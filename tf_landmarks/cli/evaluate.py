@@ -9,11 +9,14 @@ Examples:
       --recognition_solution=data/synthetic/recognition_solution.csv \
       --retrieval_solution=data/synthetic/retrieval_solution.csv --report_dir=report
 
-Recognition: GAP (predictions on queries without a landmark count as wrong, as on Kaggle), GAP over
-landmark queries only, accuracy on landmark queries, and per-class precision, recall and F1 (macro
-averages printed; every class in the report). Retrieval: mAP@100 (rows for queries the solution
-does not score are left out). A malformed row, or a recognition row for a query the solution does
-not list, is reported with its line number and nothing is scored. --report_dir writes index.html with the
+Solutions are read as Google's scoring code reads them: the scores are of all the scored queries
+and, for a solution with a Usage column, of the Public and the Private ones apart (Kaggle's two
+leaderboards); Ignored queries are not scored. Recognition: GAP (predictions on queries without a
+landmark count as wrong, as on Kaggle), GAP over landmark queries only, accuracy on landmark
+queries, and per-class precision, recall and F1 (macro averages printed; every class in the
+report). Retrieval: mAP@100 (rows for queries the solution does not score are left out). A
+malformed row, or a recognition row for a query the solution does not list, is reported with its
+line number and nothing is scored. --report_dir writes index.html with the
 numbers, the class-frequency histogram, the confusion matrix, the precision-recall curve(s) and the
 most confident mistakes with their match pictures.
 """
@@ -40,12 +43,13 @@ _UNVERIFIED_RECOGNITION_SUBMISSION = flags.DEFINE_string(
     '--predictions_dir: its recognition_unverified.csv.')
 _RECOGNITION_SOLUTION = flags.DEFINE_string(
     'recognition_solution', None, 'Recognition solution: id,landmarks[,Usage] (space-separated '
-    'landmark ids; empty for no landmark).')
+    'landmark ids; empty for no landmark; Usage Public, Private or Ignored).')
 _RETRIEVAL_SUBMISSION = flags.DEFINE_string(
     'retrieval_submission', None, 'Retrieval submission: id,images with up to 100 index image '
     'ids, best first. Default with --predictions_dir and --retrieval_solution: its retrieval.csv.')
 _RETRIEVAL_SOLUTION = flags.DEFINE_string(
-    'retrieval_solution', None, 'Retrieval solution: id,images[,Usage] (the relevant index images).')
+    'retrieval_solution', None, 'Retrieval solution: id,images[,Usage] (the relevant index images; '
+    'None for a query without any, which is Ignored).')
 _PREDICTIONS_DIR = flags.DEFINE_string(
     'predictions_dir', None, 'Output folder of the prediction command (predict.json, '
     'recognition.csv, recognition_unverified.csv, retrieval.csv): the default submissions and '
@@ -92,16 +96,26 @@ def _train_class_counts(folder, notes):
   return dict(zip(built.landmark_ids, built.class_counts))
 
 
+def _print_ignored(solution):
+  """Says how many test images the solution lists without scoring them (its Ignored rows)."""
+  if solution.ignored:
+    print(f'  {len(solution.ignored)} Ignored queries are not scored')
+
+
 def _print_recognition(name, scores, per_class):
+  """Prints the scores of all scored queries, their per-class means, then each leaderboard's."""
   macro = per_class.macro_averages()
-  print(f'{name}: GAP {scores["gap"]:.4f} (landmark queries only '
-        f'{scores["gap_landmark_queries_only"]:.4f}), accuracy on landmark queries '
-        f'{scores["accuracy_on_landmark_queries"]:.4f}; {scores["predictions"]} predictions for '
-        f'{scores["queries"]} queries ({scores["landmark_queries"]} with a landmark, '
-        f'{scores["predictions_on_non_landmark_queries"]} predictions on queries without one)')
-  print(f'  per class: macro precision {macro["macro_precision"]:.4f}, recall '
-        f'{macro["macro_recall"]:.4f}, F1 {macro["macro_f1"]:.4f} over '
-        f'{macro["classes_with_test_queries"]} landmarks with test queries')
+  for board, board_scores in ((name, scores), *scores.get('usage', {}).items()):
+    print(f'{board if board == name else "  " + board}: GAP {board_scores["gap"]:.4f} (landmark '
+          f'queries only {board_scores["gap_landmark_queries_only"]:.4f}), accuracy on landmark '
+          f'queries {board_scores["accuracy_on_landmark_queries"]:.4f}; {board_scores["predictions"]} '
+          f'predictions for {board_scores["queries"]} queries ({board_scores["landmark_queries"]} '
+          f'with a landmark, {board_scores["predictions_on_non_landmark_queries"]} predictions on '
+          'queries without one)')
+    if board == name:
+      print(f'  per class: macro precision {macro["macro_precision"]:.4f}, recall '
+            f'{macro["macro_recall"]:.4f}, F1 {macro["macro_f1"]:.4f} over '
+            f'{macro["classes_with_test_queries"]} landmarks with test queries')
   return {**scores, 'per_class': macro}
 
 
@@ -147,6 +161,7 @@ def main() -> int:
     scores['recognition'] = _print_recognition(
         'recognition', submission.score_recognition(recognition, recognition_truth),
         submission.per_class_recognition(recognition, recognition_truth))
+    _print_ignored(recognition_truth)
     if unverified_path:
       before, after = scores['recognition_first_stage'], scores['recognition']
       print(f'recognition GAP: {stage} {before["gap"]:.4f} → verified '
@@ -159,8 +174,12 @@ def main() -> int:
     sources += [('retrieval solution', _RETRIEVAL_SOLUTION.value),
                 ('retrieval submission', retrieval_path)]
     scores['retrieval'] = submission.score_retrieval(rankings, retrieval_truth)
-    print(f'retrieval: mAP@100 {scores["retrieval"]["map@100"]:.4f} over '
-          f'{scores["retrieval"]["queries_with_relevant_images"]} queries with relevant images')
+    for board, board_scores in (('retrieval', scores['retrieval']),
+                                *scores['retrieval'].get('usage', {}).items()):
+      print(f'{board if board == "retrieval" else "  " + board}: mAP@100 '
+            f'{board_scores["map@100"]:.4f} over '
+            f'{board_scores["queries_with_relevant_images"]} queries with relevant images')
+    _print_ignored(retrieval_truth)
   if _REPORT_DIR.value:
     train_counts = _train_class_counts(folder, notes)
     if train_counts is not None:
