@@ -1,6 +1,9 @@
 """Kaggle submission and solution files: round trips, scoring through files, malformed rows, the CLI."""
 
+import csv
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +12,9 @@ import pytest
 
 from tf_landmarks import csv_io
 from tf_landmarks import submission
-from helpers import REAL_DATA, REPO, requires_real_data
+from tf_landmarks import synthetic
+from helpers import (OFFICIAL_SCORING, REAL_DATA, REPO, official_scoring, requires_official_scoring,
+                     requires_real_data)
 
 # Google's worked example: truth q1=B q2=C q3=A q4=C q5=D (B=2, C=3, A=1, D=4).
 SOLUTION = 'id,landmarks,Usage\nq1,2,Private\nq2,3,Private\nq3,1,Public\nq4,3,Public\nq5,4,Public\n'
@@ -193,6 +198,23 @@ def test_solution_rows_google_would_misread_are_errors(tmp_path, task, rows, mes
     getattr(submission, f'read_{task}_solution')(path)
 
 
+def test_solutions_written_in_googles_format_read_back(tmp_path):
+  recognition = submission.Solution({'b': frozenset({3, 1}), 'a': frozenset()},
+                                    {'a': 'Private', 'b': 'Public'}, ignored=['c'])
+  submission.write_recognition_solution(str(tmp_path / 'rec.csv'), recognition)
+  assert (tmp_path / 'rec.csv').read_text() == \
+      'id,landmarks,Usage\na,,Private\nb,1 3,Public\nc,,Ignored\n'
+  again = submission.read_recognition_solution(str(tmp_path / 'rec.csv'))
+  assert again == recognition and again.usage == recognition.usage and again.ignored == {'c'}
+  retrieval = submission.Solution({'b': ('x', 'y')}, {'b': 'Private'}, ignored=['a'])
+  submission.write_retrieval_solution(str(tmp_path / 'ret.csv'), retrieval)
+  assert (tmp_path / 'ret.csv').read_text() == 'id,images,Usage\na,None,Ignored\nb,x y,Private\n'
+  again = submission.read_retrieval_solution(str(tmp_path / 'ret.csv'))
+  assert again == retrieval and again.usage == retrieval.usage and again.ignored == {'a'}
+  with pytest.raises(ValueError, match='needs every scored query\'s Usage'):
+    submission.write_retrieval_solution(str(tmp_path / 'x.csv'), submission.Solution({'a': ('x',)}))
+
+
 def _evaluate(*args):
   return subprocess.run([sys.executable, '-m', 'tf_landmarks.cli.evaluate', *args],
                         capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -298,3 +320,92 @@ def test_open_predictions_folder_finds_the_files_and_checks_the_format(tmp_path)
   with pytest.raises(submission.SubmissionError, match='not a predictions folder'):
     submission.open_predictions_folder(str(tmp_path / 'missing'))
 
+
+def _official_script(task, predictions_path, solution_path):
+  """Runs Google's compute_<task>_metrics.py; returns its stdout."""
+  script = (OFFICIAL_SCORING / 'delf' / 'python' / 'datasets' / 'google_landmarks_dataset' /
+            f'compute_{task}_metrics.py')
+  result = subprocess.run(
+      [sys.executable, str(script), f'--predictions_path={predictions_path}',
+       f'--solution_path={solution_path}'], capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': str(OFFICIAL_SCORING)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def _printed(stdout, what):
+  """{Public: value, Private: value} of a line '(Public)  <what>: 0.123456' of Google's scripts."""
+  return {board: float(value) for board, value in
+          re.findall(rf'\((Public|Private)\)\s+{re.escape(what)}: ([0-9.]+)', stdout)}
+
+
+@requires_official_scoring
+def test_googles_scripts_accept_our_files_and_tfl_evaluate_gives_their_numbers(tmp_path):
+  world = tmp_path / 'world'
+  synthetic.generate(str(world), synthetic.WorldSpec(
+      seed=11, num_landmarks=6, num_unseen_landmarks=2, num_train_images=30, num_test_images=45,
+      image_size=64))
+  with open(world / 'test.csv', newline='') as f:
+    test_ids = [row['id'] for row in csv.DictReader(f)]
+  with open(world / 'train.csv', newline='') as f:
+    train = {row['id']: int(row['landmark_id']) for row in csv.DictReader(f)}
+  truth = submission.read_recognition_solution(str(world / 'recognition_solution.csv'))
+  assert set(truth) == set(test_ids) and set(truth.usage.values()) == {'Public', 'Private'}
+  # A prediction for every test image (some none), half of them right, confidences from three
+  # values so that most are tied, in a file order that is not id order; rankings of a few train
+  # images for every test image.
+  rng = np.random.default_rng(0)
+  landmarks = sorted(set(train.values()))
+  recognition = {}
+  for query in rng.permutation(test_ids).tolist():
+    if rng.random() < 0.1:
+      recognition[query] = None
+    else:
+      right = truth[query] and rng.random() < 0.5
+      recognition[query] = (min(truth[query]) if right else int(rng.choice(landmarks)),
+                            float(rng.choice([0.25, 0.5, 1.0])))
+  rankings = {query: [str(i) for i in rng.permutation(sorted(train))[:rng.integers(0, 12)]]
+              for query in test_ids}
+  submission.write_recognition_submission(str(tmp_path / 'recognition.csv'), recognition)
+  submission.write_retrieval_submission(str(tmp_path / 'retrieval.csv'), rankings)
+  paths = {task: (str(tmp_path / f'{task}.csv'), str(world / f'{task}_solution.csv'))
+           for task in ('recognition', 'retrieval')}
+
+  # Google's scripts accept every file unchanged and print their numbers (to 6 decimals).
+  printed_recognition = _official_script('recognition', *paths['recognition'])
+  printed_retrieval = _official_script('retrieval', *paths['retrieval'])
+  # The same numbers unrounded, by running what those scripts run.
+  file_io, official = official_scoring('dataset_file_io'), official_scoring('metrics')
+  expected = {}
+  for task in ('recognition', 'retrieval'):
+    public, private, ignored = file_io.ReadSolution(paths[task][1], task)
+    predicted = file_io.ReadPredictions(paths[task][0], set(public), set(private), set(ignored),
+                                        task)
+    boards = {'Public': (predicted[0], public), 'Private': (predicted[1], private),
+              'all': ({**predicted[0], **predicted[1]}, {**public, **private})}
+    for board, (predictions, solution) in boards.items():
+      if task == 'recognition':
+        expected[task, board] = {
+            'gap': official.GlobalAveragePrecision(predictions, solution),
+            'gap_landmark_queries_only': official.GlobalAveragePrecision(
+                predictions, solution, ignore_non_gt_test_images=True),
+            'accuracy_on_landmark_queries': official.Top1Accuracy(predictions, solution)}
+      else:
+        expected[task, board] = {'map@100': official.MeanAveragePrecision(predictions, solution)}
+  for board in ('Public', 'Private'):
+    assert _printed(printed_recognition, 'Global Average Precision')[board] == pytest.approx(
+        expected['recognition', board]['gap'], abs=1e-6)
+    assert _printed(printed_retrieval, 'Mean Average Precision')[board] == pytest.approx(
+        expected['retrieval', board]['map@100'], abs=1e-6)
+
+  result = _evaluate(f'--recognition_submission={paths["recognition"][0]}',
+                     f'--recognition_solution={paths["recognition"][1]}',
+                     f'--retrieval_submission={paths["retrieval"][0]}',
+                     f'--retrieval_solution={paths["retrieval"][1]}',
+                     f'--output_json={tmp_path / "scores.json"}')
+  assert result.returncode == 0, result.stderr
+  ours = json.loads((tmp_path / 'scores.json').read_text())
+  for (task, board), numbers in expected.items():
+    scores = ours[task] if board == 'all' else ours[task]['usage'][board]
+    for name, value in numbers.items():
+      assert scores[name] == pytest.approx(value, abs=1e-9), (task, board, name)

@@ -251,6 +251,38 @@ def read_retrieval_solution(path: str) -> Solution:
   return _read_solution(path, 'images', _image_ids, needs_truth=True)
 
 
+def _write_solution(path: str, column: str, solution: Solution, show: Callable[[Any], str],
+                    not_scored: str) -> None:
+  if not solution.usage:
+    raise ValueError('the solution format of Google\'s scoring code needs every scored query\'s '
+                     'Usage')
+  rows = [(query, show(truth), solution.usage[query]) for query, truth in solution.items()]
+  rows += [(query, not_scored, IGNORED) for query in solution.ignored]
+  files.write_csv_atomically(path, ['id', column, 'Usage'], sorted(rows))
+
+
+def write_recognition_solution(path: str, solution: Solution) -> None:
+  """Writes `id,landmarks,Usage` as Google's scoring code reads it: every test image in id order,
+  landmark ids ascending (none for a query without a landmark), the ignored ones Ignored.
+
+  Raises:
+    ValueError: the solution has no Usage.
+  """
+  _write_solution(path, 'landmarks', solution,
+                  lambda landmarks: ' '.join(str(landmark) for landmark in sorted(landmarks)), '')
+
+
+def write_retrieval_solution(path: str, solution: Solution) -> None:
+  """Writes `id,images,Usage` as GLDv2's retrieval solution is: every test image in id order, the
+  ignored ones (queries without relevant images) with images `None` and Usage Ignored, which
+  Google's scoring code needs to accept a submission's rows for them.
+
+  Raises:
+    ValueError: the solution has no Usage.
+  """
+  _write_solution(path, 'images', solution, ' '.join, NO_IMAGES)
+
+
 def read_retrieval_submission(path: str, solution: Mapping[str, Sequence[str]]
                               ) -> Dict[str, Tuple[str, ...]]:
   """Query id → up to 100 index image ids, best first, for the scored queries of `solution`.

@@ -453,11 +453,13 @@ def plan_world(spec: WorldSpec) -> Tuple[List[Tuple[str, int, int]], List[Query]
 def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[str, int]:
   """Writes a synthetic world in the Google Landmarks layout into `output_dir`.
 
-  Files: `images/<16-hex id>.jpg`, `train.csv` (id,url,landmark_id), `test.csv` (id,url),
-  `recognition_solution.csv` (id,landmarks,Usage: empty landmarks for non-landmark queries and for
-  landmarks unseen in training) and `retrieval_solution.csv` (id,images,Usage: the train images of the
-  query's landmark; queries without any are left out). CSVs are written last, each under a temporary
-  name renamed when complete, so a folder with `train.csv` has all its images.
+  Files: `images/<16-hex id>.jpg`, `train.csv` (id,url,landmark_id), `test.csv` (id,url), and the
+  solutions in the format of Google's scoring code (see `submission`), every query on the Public
+  or Private leaderboard: `recognition_solution.csv` (id,landmarks,Usage: empty landmarks for
+  non-landmark queries and for landmarks unseen in training) and `retrieval_solution.csv`
+  (id,images,Usage: the train images of the query's landmark; `None` and Ignored for a query without
+  any). CSVs are written last, each under a temporary name renamed when complete, so a folder with
+  `train.csv` has all its images.
 
   Args:
     output_dir: destination folder (any tf.io.gfile path).
@@ -473,6 +475,7 @@ def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[s
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   from tf_landmarks import files  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import submission  # pylint: disable=g-import-not-at-top
   train, queries = plan_world(spec)
   ids = _landmark_ids(spec)
   landmarks: Dict[int, Landmark] = {}
@@ -498,16 +501,25 @@ def generate(output_dir: str, spec: WorldSpec, progress: bool = False) -> Dict[s
   train_by_landmark: Dict[int, List[str]] = {}
   for image_id, landmark, _ in train:
     train_by_landmark.setdefault(landmark, []).append(image_id)
-  usage = lambda image_id: 'Public' if int(image_id[:4], 16) % 3 == 0 else 'Private'
   write_csv = files.write_csv_atomically
   write_csv(f'{output_dir}/test.csv', ('id', 'url'),
             sorted((q.image_id, _URL_PREFIX + q.image_id + '.jpg') for q in queries))
-  write_csv(f'{output_dir}/recognition_solution.csv', ('id', 'landmarks', 'Usage'), sorted(
-      (q.image_id, ids[q.landmark] if q.kind == 'known' else '', usage(q.image_id))
-      for q in queries))
-  write_csv(f'{output_dir}/retrieval_solution.csv', ('id', 'images', 'Usage'), sorted(
-      (q.image_id, ' '.join(sorted(train_by_landmark[q.landmark])), usage(q.image_id))
-      for q in queries if q.kind == 'known'))
+  # Kaggle's leaderboards: a third of each kind of query is Public, the rest Private, in id order so
+  # that two queries of training landmarks put one on each (Google's scoring needs both).
+  usage = {}
+  for kind in ('known', 'unseen', 'none'):
+    usage.update((image_id, submission.PUBLIC if i % 3 == 0 else submission.PRIVATE)
+                 for i, image_id in enumerate(sorted(q.image_id for q in queries if q.kind == kind)))
+  recognition = submission.Solution(
+      {q.image_id: frozenset({ids[q.landmark]} if q.kind == 'known' else ()) for q in queries},
+      usage)
+  retrieval = submission.Solution(
+      {q.image_id: tuple(sorted(train_by_landmark[q.landmark])) for q in queries
+       if q.kind == 'known'},
+      {q.image_id: usage[q.image_id] for q in queries if q.kind == 'known'},
+      ignored=[q.image_id for q in queries if q.kind != 'known'])
+  submission.write_recognition_solution(f'{output_dir}/recognition_solution.csv', recognition)
+  submission.write_retrieval_solution(f'{output_dir}/retrieval_solution.csv', retrieval)
   write_csv(f'{output_dir}/train.csv', ('id', 'url', 'landmark_id'), sorted(
       (image_id, _URL_PREFIX + image_id + '.jpg', ids[landmark]) for image_id, landmark, _ in train))
   counts = {'train': len(train)}
