@@ -45,6 +45,40 @@ def test_help_lists_the_commands_own_flags_first(command, module, how):
   assert result.stderr == ''  # No TensorFlow start-up lines before or after.
 
 
+# One flag per entry point that absl refuses while parsing: a value out of bounds, an unknown flag,
+# an unknown choice. Every entry point, `python -m tf_landmarks.cli.evaluate_pairs` included.
+_BAD_FLAGS = {'tfl-synth': '--num_landmarks=0', 'tfl-build-records': '--examples_per_shard=0',
+              'tfl-inspect-records': '--batch_size=0', 'tfl-train': '--image_size=7',
+              'tfl-build-index': '--no_such_flag=1', 'tfl-evaluate': '--report_mistakes=-1',
+              'tfl-export': '--top_k=0', 'tfl-predict': '--first_stage=oracle',
+              'evaluate_pairs': '--max_features=0'}
+_ENTRY_POINTS = [*_entry_points(), ('evaluate_pairs', 'tf_landmarks.cli.evaluate_pairs')]
+
+
+@pytest.fixture(scope='module')
+def bad_flag_runs():
+  """Every entry point started at once with its bad flag: each costs an import of TensorFlow."""
+  processes = {command: subprocess.Popen([sys.executable, '-m', module, _BAD_FLAGS[command]],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for command, module in _ENTRY_POINTS}
+  yield processes
+  for process in processes.values():
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+
+
+@pytest.mark.parametrize('command,module', _ENTRY_POINTS)
+def test_a_bad_flag_is_a_user_mistake_in_one_line(bad_flag_runs, command, module):
+  process = bad_flag_runs[command]
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr
+  assert 'Traceback' not in stderr
+  line = _one_line(subprocess.CompletedProcess(process.args, 2, '', stderr))
+  name = _BAD_FLAGS[command].split('=')[0].lstrip('-')
+  assert line.startswith(f'{module.rsplit(".", 1)[1]}.py: error: ') and name in line, line
+
+
 def _build(tmp_path, output_dir, *extra, wait=True, **kwargs):
   command = [str(BIN / 'tfl-build-records'), f'--train_csv={tmp_path / "train.csv"}',
              f'--image_dir={tmp_path / "images"}', f'--output_dir={output_dir}', '--noprogress',

@@ -3,7 +3,8 @@
 `define_flags(BuildConfig)` defines one flag per field (type, default, help, bounds and choices all
 from the field, see `tf_landmarks.settings`) and `from_flags(BuildConfig)` builds the dataclass back.
 `run(main)` is each console script's entry: `--help` lists the command's own flags, and failures end
-with one line instead of a traceback: user mistakes (exit 2), Ctrl-C and SIGTERM (130/143), and the
+with one line instead of a traceback: user mistakes, a bad flag value or an unknown flag included
+(exit 2), Ctrl-C and SIGTERM (130/143), and the
 environment (disk full, read-only or missing folders, permissions; exit 1), with a `--resume` hint for
 commands that can continue.
 """
@@ -119,6 +120,22 @@ def _show_command_flags_in_help(module_name: str) -> None:
   sys.modules['__main__'].__doc__ = sys.modules[module_name].__doc__
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag as a one-line user mistake (exit 2).
+
+  absl's own parser exits 1 after two lines ("FATAL Flags parsing error" and a pointer to --help),
+  which reads as an environment failure to anything that checks the status.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    # Messages of validators over several flags span lines; one line keeps the output greppable.
+    message = '; '.join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f'{os.path.basename(argv[0])}: error: {message} (--help lists the flags)',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def run(main: Callable[[], int], *, resume_hint: bool = False) -> None:
   """Runs a command's `main()` (which returns the exit status) under absl, with one-line failures.
 
@@ -157,4 +174,4 @@ def run(main: Callable[[], int], *, resume_hint: bool = False) -> None:
     # absl exits 1 after --help; asking for help is not a failure.
     FLAGS.mark_as_parsed()
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
