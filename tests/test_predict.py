@@ -224,6 +224,9 @@ def test_ctrl_c_ends_with_one_line_and_the_same_command_finishes(world, predicte
   _, stderr = process.communicate(timeout=60)
   assert process.returncode == 130, stderr
   assert stderr.strip().splitlines()[-1].startswith('tfl-predict: interrupted')
+  # tfl-predict has no --resume: the same command continues.
+  assert stderr.strip().splitlines()[-1].endswith('rerun the same command to continue')
+  assert '--resume' not in stderr
   assert 'Traceback' not in stderr
   done = journal.read_bytes().count(b'\n')
   assert done < 16  # Stopped part-way.

@@ -34,7 +34,7 @@ def main() -> int:
 
 
 def run():
-  common.run(main, resume_hint=True)
+  common.run(main, resume_hint=common.RESUME)
 
 
 if __name__ == '__main__':

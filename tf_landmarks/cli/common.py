@@ -5,8 +5,8 @@ from the field, see `tf_landmarks.settings`) and `from_flags(BuildConfig)` build
 `run(main)` is each console script's entry: `--help` lists the command's own flags, and failures end
 with one line instead of a traceback: user mistakes, a bad flag value or an unknown flag included
 (exit 2), Ctrl-C and SIGTERM (130/143), and the
-environment (disk full, read-only or missing folders, permissions; exit 1), with a `--resume` hint for
-commands that can continue.
+environment (disk full, read-only or missing folders, permissions; exit 1), with how to continue for
+commands that can (`RESUME`, `RERUN`).
 """
 
 import dataclasses
@@ -27,6 +27,9 @@ from tf_landmarks import records
 from tf_landmarks import settings
 
 FLAGS = flags.FLAGS
+# How a command that keeps its work continues after an interruption or an environment failure.
+RESUME = 'rerun with --resume to continue'
+RERUN = 'rerun the same command to continue'
 _HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '-helpshort')
 
 
@@ -136,16 +139,17 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def run(main: Callable[[], int], *, resume_hint: bool = False) -> None:
+def run(main: Callable[[], int], *, resume_hint: str = '') -> None:
   """Runs a command's `main()` (which returns the exit status) under absl, with one-line failures.
 
   Args:
     main: reads FLAGS, calls the library, prints its result, returns the exit status.
-    resume_hint: the command has `--resume`: interruptions and environment failures say so.
+    resume_hint: how the command continues its kept work (`RESUME`, `RERUN`), said after an
+      interruption or an environment failure; empty for commands that start again.
   """
   program = os.path.basename(sys.argv[0])
   _show_command_flags_in_help(main.__module__)
-  hint = '; the work done so far is kept: rerun with --resume to continue' if resume_hint else ''
+  hint = f'; the work done so far is kept: {resume_hint}' if resume_hint else ''
 
   def wrapped(argv):
     if len(argv) > 1:

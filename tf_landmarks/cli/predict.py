@@ -36,7 +36,7 @@ def main() -> int:
 
 
 def run():
-  common.run(main, resume_hint=True)
+  common.run(main, resume_hint=common.RERUN)
 
 
 if __name__ == '__main__':
