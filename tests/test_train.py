@@ -142,6 +142,32 @@ def test_clear_errors_for_a_bad_setup(synthetic_records, tmp_path):
     train.train(_config(synthetic_records, tmp_path / 'c'), input_config)
 
 
+def _files(folder):
+  return {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob('*')
+          if path.is_file()}
+
+
+def test_resume_of_a_finished_run_does_nothing_and_says_so(synthetic_records, tmp_path):
+  workdir = tmp_path / 'finished'
+  train.train(_config(synthetic_records, workdir, epochs=1, steps_per_epoch=1),
+              data.InputConfig(image_size=32))
+  before = _files(workdir)
+  result = subprocess.run(
+      [sys.executable, '-m', 'tf_landmarks.cli.train', f'--records_dir={synthetic_records}',
+       f'--workdir={workdir}', '--backbone=tiny', '--weights=none', '--head=softmax',
+       '--batch_size=16', '--epochs=1', '--steps_per_epoch=1', '--optimizer=adam',
+       '--learning_rate=0.003', '--image_size=32', '--noprogress', '--resume'],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines() == [
+      f'{workdir} holds a finished run: nothing to resume, left as it is'], result.stdout
+  assert _files(workdir) == before
+  # Other settings are still refused: the finished run is not the one asked for.
+  with pytest.raises(train.TrainError, match=r'other settings \(epochs\)'):
+    train.train(_config(synthetic_records, workdir, epochs=2, steps_per_epoch=1, resume=True),
+                data.InputConfig(image_size=32))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

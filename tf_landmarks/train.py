@@ -55,6 +55,8 @@ from tf_landmarks.settings import setting
 
 RUN_FORMAT = 'tf-landmarks run v1'
 RUN_JSON = 'run.json'
+# Set in what `train` returns when --resume found the run already finished (not in run.json).
+ALREADY_FINISHED = 'already_finished'
 _CONFIG_JSON = 'train_config.json'
 _BACKBONE_WEIGHTS = 'backbone.weights.h5'
 _HEAD_WEIGHTS = 'head.weights.npz'  # Keras 3 layers (unlike models) have no save_weights.
@@ -408,7 +410,12 @@ def _head_options(config: TrainConfig) -> dict:
   return {}
 
 
-def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> None:
+def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
+  """Creates, checks or clears --workdir as --resume and --overwrite say.
+
+  Returns:
+    True when --resume finds the run finished with the same settings: there is nothing to do.
+  """
   workdir = config.workdir
   if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
     raise TrainError(f'--workdir={workdir} is a file, not a folder')
@@ -417,7 +424,7 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> None:
   if (finished or started) and config.overwrite:
     tf.io.gfile.rmtree(workdir)
     finished = started = False
-  if finished:
+  if finished and not config.resume:
     raise TrainError(f'{workdir} holds a finished run; use another --workdir or --overwrite')
   if started and not config.resume:
     raise TrainError(f'{workdir} holds an unfinished run; pass --resume to continue it from its '
@@ -429,9 +436,10 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> None:
     if changed:
       raise TrainError(f'{workdir} holds a run with other settings ({", ".join(changed)}); '
                        'use --overwrite to start again')
-    return
+    return finished
   tf.io.gfile.makedirs(workdir)
   files.write_atomically(files.join(workdir, _CONFIG_JSON), json.dumps(fingerprint, indent=1))
+  return False
 
 
 def _pad_to(batch_size: int):
@@ -552,7 +560,9 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   """Trains as `config.mode` says and writes the run folder; see the module docstring.
 
   Returns:
-    The run description (also written to `<workdir>/run.json`).
+    The run description (also written to `<workdir>/run.json`). With `config.resume` and a run
+    already finished in the workdir (same settings), nothing is trained or written: its run.json,
+    with `ALREADY_FINISHED` set.
 
   Raises:
     TrainError, records.RecordsError: unusable settings, inputs or workdir (message for the user).
@@ -567,7 +577,11 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
                  'records_created': records.manifest.get('created')}
   chief = _is_chief(strategy)
   if chief:  # The others write to scratch folders and only read the chief's checkpoints.
-    _prepare_workdir(config, fingerprint)
+    finished = _prepare_workdir(config, fingerprint)
+  else:  # They stop too, rather than wait in training steps for a chief that has returned.
+    finished = config.resume and tf.io.gfile.exists(files.join(config.workdir, RUN_JSON))
+  if finished:
+    return {**_read_run(config.workdir), ALREADY_FINISHED: True}
   write_dir = _write_dir(config.workdir, strategy)
   loss_scaling = distribute.set_precision(config.mixed_precision)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)

@@ -10,7 +10,8 @@ Examples:
 Modes: scratch (everything trained), bottleneck (frozen base, cached features, the head trained),
 finetune (a bottleneck run's head, upper blocks unfrozen). The run folder gets checkpoints,
 TensorBoard logs, model.keras, the weights, a copy of the label map and run.json. An interrupted run
-(Ctrl-C, SIGTERM, a killed process) continues with --resume.
+(Ctrl-C, SIGTERM, a killed process) continues with --resume; --resume of a finished run does
+nothing.
 """
 
 from tf_landmarks import data
@@ -23,6 +24,9 @@ common.define_flags(data.InputConfig)
 
 def main() -> int:
   run = train.train(common.from_flags(train.TrainConfig), common.from_flags(data.InputConfig))
+  if run.get(train.ALREADY_FINISHED):
+    print(f'{common.FLAGS.workdir} holds a finished run: nothing to resume, left as it is')
+    return 0
   best, final = run['best'], run['final']
   top = run['head'] or f'DELF {run["delf"]["stage"]} stage'
   print(f'Wrote {common.FLAGS.workdir}: {run["mode"]} {run["backbone"]} + {top}, '
