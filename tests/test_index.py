@@ -191,6 +191,20 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
     index.build_index(_config(world, 'sift', folder))
 
 
+def test_resume_of_a_finished_index_does_nothing_and_says_so(world, built, tmp_path):
+  folder = tmp_path / 'finished'
+  shutil.copytree(built['sift'], folder)
+  before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob('*')
+            if path.is_file()}
+  result = _cli(f'--run={world["classifier"]}', '--local_features=sift', f'--output_dir={folder}',
+                '--resume')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines() == [
+      f'{folder} holds a finished index: nothing to resume, left as it is'], result.stdout
+  assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob('*')
+          if path.is_file()} == before
+
+
 def _one_line_error(result) -> str:
   assert result.returncode == 2, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr, result.stderr

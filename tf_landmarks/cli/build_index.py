@@ -10,7 +10,8 @@ Stores, for every image of the run's records (the train split by default), the c
 descriptor and the image's local features (DELF or SIFT) in sharded .npy files, with a per-image
 table sorted by landmark; index.json, written last, marks a finished index. The layout and its
 size for GLDv2 are in tf_landmarks/local_features/index.py. An interrupted build (Ctrl-C, SIGTERM,
-a killed process) continues with --resume from its first unfinished shard.
+a killed process) continues with --resume from its first unfinished shard; --resume of a finished
+index does nothing.
 """
 
 from tf_landmarks.cli import common
@@ -21,8 +22,11 @@ common.define_flags(index.IndexConfig)
 
 def main() -> int:
   built = index.build_index(common.from_flags(index.IndexConfig))
-  counts, local = built['counts'], built['local']
   output_dir = common.FLAGS.output_dir or f'{common.FLAGS.run}/index'
+  if built.get(index.ALREADY_FINISHED):
+    print(f'{output_dir} holds a finished index: nothing to resume, left as it is')
+    return 0
+  counts, local = built['counts'], built['local']
   print(f'Wrote {output_dir}: {counts["images"]} images of {counts["landmarks"]} landmarks '
         f'({", ".join(built["splits"])}) in {counts["shards"]} shard(s)')
   print(f'  local: {local["backend"]}, {counts["features"]} features '

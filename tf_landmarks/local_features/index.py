@@ -105,6 +105,8 @@ from tf_landmarks.settings import setting
 
 FORMAT = 'tf-landmarks index v1'
 INDEX_JSON = 'index.json'
+# Set in what `build_index` returns when --resume found the index already finished.
+ALREADY_FINISHED = 'already_finished'
 BUILD_JSON = 'build_config.json'
 TABLE_FILE = 'images.npy'
 GLOBAL_FILE = 'global.npy'
@@ -488,8 +490,13 @@ class _Builder:
               global_descriptors=np.concatenate(embeddings).astype(np.float32))
 
 
-def _prepare_output(config: IndexConfig, fingerprint: dict) -> None:
-  """Creates, checks or clears --output_dir as --resume and --overwrite say."""
+def _prepare_output(config: IndexConfig, fingerprint: dict) -> bool:
+  """Creates, checks or clears --output_dir as --resume and --overwrite say.
+
+  Returns:
+    True when --resume finds the index finished with the same runs and settings: there is
+    nothing to do.
+  """
   output_dir = config.output_dir
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise LandmarkIndexError(f'--output_dir={output_dir} is a file, not a folder')
@@ -498,7 +505,7 @@ def _prepare_output(config: IndexConfig, fingerprint: dict) -> None:
   if (finished or started) and config.overwrite:
     tf.io.gfile.rmtree(output_dir)
     finished = started = False
-  if finished:
+  if finished and not config.resume:
     raise LandmarkIndexError(f'{output_dir} holds a finished index; use another --output_dir or '
                              '--overwrite')
   if started and not config.resume:
@@ -511,17 +518,20 @@ def _prepare_output(config: IndexConfig, fingerprint: dict) -> None:
     if changed:
       raise LandmarkIndexError(f'{output_dir} holds an index begun with other runs or settings '
                                f'({", ".join(changed)}); use --overwrite to start again')
+    if finished:
+      return True
     # Temporary files of the interrupted build: never renamed into place, so never needed.
     for folder in (output_dir, files.join(output_dir, SHARDS_DIR)):
       for leftover in tf.io.gfile.glob(files.join(folder, f'*{_TEMPORARY}*')):
         tf.io.gfile.remove(leftover)
     tf.io.gfile.makedirs(files.join(output_dir, SHARDS_DIR))
-    return
+    return False
   if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
     raise LandmarkIndexError(f'--output_dir={output_dir} holds other files; choose a new or empty '
                              'folder')
   tf.io.gfile.makedirs(files.join(output_dir, SHARDS_DIR))
   files.write_atomically(files.join(output_dir, BUILD_JSON), json.dumps(fingerprint, indent=1))
+  return False
 
 
 def _ivf_cells(config: IndexConfig, count: int) -> int:
@@ -601,7 +611,9 @@ def build_index(config: IndexConfig) -> dict:
   """Builds (or, with `config.resume`, finishes) the index described in the module docstring.
 
   Returns:
-    The index description, also written to `<output_dir>/index.json`.
+    The index description, also written to `<output_dir>/index.json`. With `config.resume` and
+    an index already finished in the output folder (same runs and settings), nothing is built or
+    written: its index.json, with `ALREADY_FINISHED` set.
 
   Raises:
     LandmarkIndexError, records.RecordsError: unusable settings, runs, records or output folder.
@@ -619,7 +631,10 @@ def build_index(config: IndexConfig) -> dict:
     raise LandmarkIndexError(f'{inputs.records.path} has no {config.split} images to index')
   fingerprint = {**settings.fingerprint(config), **inputs.checksums,
                  'records_created': inputs.records.manifest.get('created')}
-  _prepare_output(config, fingerprint)
+  if _prepare_output(config, fingerprint):
+    finished = files.read_versioned_json(files.join(config.output_dir, INDEX_JSON), FORMAT,
+                                         'an index', 'rebuild it', LandmarkIndexError)
+    return {**finished, ALREADY_FINISHED: True}
   pca = None
   if config.local_features == 'delf':
     descriptor_dim = config.pca_dim or inputs.delf.descriptor_dim
