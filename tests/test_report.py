@@ -165,7 +165,7 @@ def _predictions_dir(tmp_path) -> pathlib.Path:
 # The command in a fresh process, with the prediction module's drawer either unavailable
 # (importing it fails) or this file's real picture drawer, which records how it was called.
 _RUN_EVALUATE = '''
-import sys, types
+import functools, sys, types
 drawer = sys.argv.pop(1)
 sys.argv[0] = 'tfl-evaluate'
 if drawer == 'none':
@@ -178,7 +178,8 @@ else:
     calls.write(f'{{predictions_dir}} {{query_id}} {{landmark_id}}\\n')
     calls.flush()
     return test_report.draw_generated_match(query_id, landmark_id, png_path)
-  sys.modules['tf_landmarks.predict'] = types.SimpleNamespace(draw_match=draw_match)
+  sys.modules['tf_landmarks.predict'] = types.SimpleNamespace(
+      match_drawer=lambda predictions_dir: functools.partial(draw_match, predictions_dir))
 from tf_landmarks.cli import evaluate
 evaluate.run()
 '''.format(tests=str(REPO / 'tests'))
@@ -271,6 +272,28 @@ def test_cli_notes_an_unreadable_default_records_folder_and_goes_on(tmp_path):
   assert 'note: class-frequency histogram left out' in result.stderr
   assert 'class-frequency histogram left out' in (tmp_path / 'report' / 'index.html').read_text()
   assert not (tmp_path / 'report' / report.CLASS_FREQUENCY_PNG).exists()
+
+
+def test_cli_writes_the_report_without_match_pictures_when_the_export_is_gone(tmp_path):
+  folder = _predictions_dir(tmp_path)
+  meta = json.loads((folder / 'predict.json').read_text())
+  # As the prediction command records its export, whose folder has since been deleted.
+  meta.update(export=str(tmp_path / 'export'),
+              queries={'test_csv': None, 'image_dir': None, 'test_records': None})
+  (folder / 'predict.json').write_text(json.dumps(meta))
+  result = subprocess.run(
+      [sys.executable, '-m', 'tf_landmarks.cli.evaluate', f'--predictions_dir={folder}',
+       f'--recognition_solution={tmp_path / "recognition_solution.csv"}',
+       f'--report_dir={tmp_path / "report"}'], capture_output=True, text=True, cwd=REPO,
+      timeout=180)
+  assert result.returncode == 0, result.stderr
+  assert 'recognition GAP: first stage (classifier) only 0.1111 → verified 0.6667' in result.stdout
+  assert result.stderr.strip().splitlines() == [
+      f'note: match pictures left out: {tmp_path / "export"} is not a finished export (no '
+      'export.json); make one with tfl-export'], result.stderr
+  page = (tmp_path / 'report' / 'index.html').read_text()
+  assert 'match pictures left out' in page and 'query <code>qb</code>' in page
+  assert not list((tmp_path / 'report').glob('mistake-*.png'))
 
 
 # --- The page as a browser shows it. -----------------------------------------------------------

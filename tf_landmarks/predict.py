@@ -741,6 +741,30 @@ def _open_predicted(predictions_dir: str, meta_text: str) -> Optional[_Predicted
                     records_lib.load(verifier.index.metadata['records_dir']))
 
 
+def match_drawer(predictions_dir: str) -> Callable[[str, int, str], Optional[str]]:
+  """`draw_match` for the pictures of one predictions folder, its export and index opened now.
+
+  Opening them before the report is written lets a folder whose export has since been moved or
+  deleted be reported once, instead of failing half-way through the report.
+
+  Args:
+    predictions_dir: a finished `predict` output folder.
+
+  Returns:
+    draw(query_id, landmark_id, png_path) -> caption or None, as `draw_match`.
+
+  Raises:
+    PredictError, export.ExportError, index.LandmarkIndexError, records.RecordsError: the folder,
+      its export, the export's index or the index's records cannot be opened, or the export has
+      no index to draw matches from.
+  """
+  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
+                                   'predictions', 'predict again', PredictError)
+  if _open_predicted(predictions_dir, json.dumps(meta, sort_keys=True)) is None:
+    raise PredictError(f'{predictions_dir} names no export with an index to draw matches with')
+  return functools.partial(draw_match, predictions_dir)
+
+
 def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
                png_path: str) -> Optional[str]:
   """Draws the query next to the index image of `landmark_id` it was verified against.

@@ -18,10 +18,10 @@ report). Retrieval: mAP@100 (rows for queries the solution does not score are le
 malformed row, or a recognition row for a query the solution does not list, is reported with its
 line number and nothing is scored. --report_dir writes index.html with the
 numbers, the class-frequency histogram, the confusion matrix, the precision-recall curve(s) and the
-most confident mistakes with their match pictures.
+most confident mistakes with their match pictures (left out, with a note saying why, when the
+export named in the predictions folder cannot be opened).
 """
 
-import functools
 import json
 import sys
 
@@ -67,9 +67,9 @@ _REPORT_MISTAKES = flags.DEFINE_integer(
 _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Also write the scores to this JSON file.')
 
 
-def _drawer(predictions_dir):
-  """The match-picture drawer of a predictions folder; None without a folder, or where the
-  prediction module cannot be imported (the report then lists the mistakes without pictures)."""
+def _drawer(predictions_dir, notes):
+  """The match-picture drawer of a predictions folder; None without a folder, where the prediction
+  module cannot be imported, or where the folder's export cannot be opened (noted)."""
   if not predictions_dir:
     return None
   try:
@@ -77,7 +77,12 @@ def _drawer(predictions_dir):
     from tf_landmarks import predict  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return functools.partial(predict.draw_match, predictions_dir)
+  try:
+    return predict.match_drawer(predictions_dir)
+  except errors.UserError as error:
+    # The scores come from the CSVs alone: an export moved or deleted since only costs the pictures.
+    notes.append(f'match pictures left out: {error}')
+    return None
 
 
 def _train_class_counts(folder, notes):
@@ -184,11 +189,13 @@ def main() -> int:
     train_counts = _train_class_counts(folder, notes)
     if train_counts is not None:
       sources.append(('records', _RECORDS_DIR.value or folder.records_dir))
+    drawer = _drawer(_PREDICTIONS_DIR.value, notes) \
+        if recognition is not None and _REPORT_MISTAKES.value else None
     page = report.write_report(
         _REPORT_DIR.value, recognition_solution=recognition_truth, recognition=recognition,
         first_stage_recognition=unverified, retrieval_solution=retrieval_truth,
         retrieval=rankings, train_class_counts=train_counts,
-        draw_match=_drawer(_PREDICTIONS_DIR.value), sources=sources, notes=notes,
+        draw_match=drawer, sources=sources, notes=notes,
         limits=report.ReportLimits(mistakes=_REPORT_MISTAKES.value))
     for note in notes:
       print(f'note: {note}', file=sys.stderr)
