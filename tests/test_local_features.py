@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from PIL import Image
 import pytest
 
 from helpers import REPO
+from tf_landmarks import csv_io
 from tf_landmarks import synthetic
 from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.local_features import draw
@@ -396,6 +398,52 @@ def test_make_pairs_reports_a_broken_solution_file_in_one_line(tmp_path):
     evaluate.make_pairs(str(tmp_path))
 
 
+def test_make_pairs_of_a_test_csv_with_only_a_header_gives_the_train_pairs(tmp_path):
+  write_layout(tmp_path, [('a1', 1), ('a2', 1), ('b1', 2)], [])
+  (tmp_path / 'recognition_solution.csv').unlink()  # No queries: nothing to look up in it.
+  pairs, skipped = evaluate.make_pairs(str(tmp_path), max_pairs_per_kind=0)
+  assert [len(pairs[kind]) for kind in evaluate.POSITIVE_KINDS + evaluate.NEGATIVE_KINDS] == \
+      [1, 0, 2, 0]
+  assert skipped == 0
+
+
+def _write_pairs(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def test_read_pairs_takes_a_listed_verification_set(tmp_path):
+  listed = _write_pairs(tmp_path / 'pairs.csv',
+                        'id_a,id_b,same\na1,a2,1\na1,b1,0\n\n b2 , a2 , 0 \nc1,c2,1\n')
+  pairs = evaluate.read_pairs(listed, str(tmp_path / 'data'), max_pairs_per_kind=0)
+  image = lambda image_id: str(tmp_path / 'data' / 'images' / f'{image_id}.jpg')
+  assert pairs == {'same_landmark': [(image('a1'), image('a2')), (image('c1'), image('c2'))],
+                   'different_landmark': [(image('a1'), image('b1')), (image('b2'), image('a2'))]}
+  sampled = evaluate.read_pairs(listed, str(tmp_path), max_pairs_per_kind=1, seed=0)
+  assert [len(kind_pairs) for kind_pairs in sampled.values()] == [1, 1]
+
+
+@pytest.mark.parametrize('row,message', [
+    ('../etc/passwd,a2,1', r"line 3: id_a '../etc/passwd' is not an image id"),
+    ('a1,,1', "line 3: id_b '' is not an image id"),
+    ('a1,a3,yes', "line 3: same must be 1 \\(same landmark\\) or 0, got 'yes'"),
+    ('a1,a3', "line 3: same must be 1 \\(same landmark\\) or 0, got ''"),
+    ('a1,a3,1,x', 'line 3: more fields than the 3 columns id_a,id_b,same'),
+    ('a3,a3,1', 'line 3: pairs a3 with itself'),
+    ('a2,a1,0', 'line 3: the pair of line 2 again'),
+])
+def test_read_pairs_refuses_a_bad_row_by_its_line(tmp_path, row, message):
+  listed = _write_pairs(tmp_path / 'pairs.csv', f'id_a,id_b,same\na1,a2,1\n{row}\n')
+  with pytest.raises(evaluate.EvaluationError, match=message):
+    evaluate.read_pairs(listed, str(tmp_path))
+
+
+def test_read_pairs_needs_its_columns(tmp_path):
+  listed = _write_pairs(tmp_path / 'pairs.csv', 'a,b,same\na1,a2,1\n')
+  with pytest.raises(csv_io.CsvError, match='missing column\\(s\\) id_a, id_b'):
+    evaluate.read_pairs(listed, str(tmp_path))
+
+
 SMALL_WORLD = synthetic.WorldSpec(seed=5, num_landmarks=4, num_unseen_landmarks=1,
                                   num_train_images=16, num_test_images=8,
                                   non_landmark_fraction=0.5, unseen_landmark_fraction=0.0)
@@ -436,6 +484,35 @@ def test_the_command_prints_distributions_and_aucs_and_fails_in_one_line(small_w
   assert failed.returncode == 2
   assert failed.stderr.strip().splitlines()[-1].startswith('evaluate_pairs.py: error: ')
   assert 'Traceback' not in failed.stderr
+
+
+def test_a_folder_whose_test_csv_has_only_a_header_scores_its_train_pairs(small_world,
+                                                                         tmp_path):
+  world = tmp_path / 'world'
+  shutil.copytree(small_world, world)
+  (world / 'test.csv').write_text('id,url\n')
+  evaluation = evaluate.evaluate_folder(str(world), evaluate.BACKENDS['sift'](500, None),
+                                        evaluate.VerifySettings(), max_pairs_per_kind=5, seed=0)
+  assert {kind: len(scores) for kind, scores in evaluation.scores.items()} == {
+      'same_landmark': 5, 'query_same_landmark': 0, 'different_landmark': 5,
+      'no_landmark_query': 0}
+
+
+def test_the_command_scores_the_pairs_of_a_csv(small_world, tmp_path):
+  with open(small_world / 'train.csv', newline='') as f:
+    train = [(row['id'], row['landmark_id']) for row in csv.DictReader(f)]
+  same = [(a, b) for (a, la), (b, lb) in zip(train, train[1:]) if la == lb][:6]
+  different = [(a, b) for (a, la), (b, lb) in zip(train, train[1:]) if la != lb][:6]
+  assert len(same) >= 3 and len(different) >= 3
+  rows = [f'{a},{b},1' for a, b in same] + [f'{a},{b},0' for a, b in different]
+  (tmp_path / 'pairs.csv').write_text('id_a,id_b,same\n' + '\n'.join(rows) + '\n')
+  done = run_evaluate('--backend=sift', f'--data_dir={small_world}',
+                      f'--pairs_csv={tmp_path / "pairs.csv"}', '--inlier_threshold=10')
+  assert done.returncode == 0, done.stderr
+  assert f'same_landmark        {len(same):>6}  median' in done.stdout
+  assert f'different_landmark   {len(different):>6}  median' in done.stdout
+  assert 'ROC AUC same_landmark vs all negatives: ' in done.stdout
+  assert 'query_same_landmark' not in done.stdout and 'no_landmark_query' not in done.stdout
 
 
 def test_delf_backend_needs_a_finished_delf_run(tmp_path):

@@ -182,8 +182,14 @@ def read_train_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
   return rows, skipped
 
 
-def read_test_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
+def read_test_csv(path: str, *, allow_empty: bool = False
+                  ) -> tuple[List[ImageRow], List[SkippedRow]]:
   """Reads a Google Landmarks test or index CSV (`id,url`; `url` may be absent).
+
+  Args:
+    path: the CSV.
+    allow_empty: a file without usable rows gives no rows instead of an error (for readers to
+      which the queries are optional).
 
   Returns and raises as `read_train_csv`; rows have landmark_id None.
   """
@@ -192,7 +198,8 @@ def read_test_csv(path: str) -> tuple[List[ImageRow], List[SkippedRow]]:
     image_id = _check_id(path, line, row.get('id'), seen, skipped)
     if image_id is not None:
       rows.append(ImageRow(image_id, (row.get('url') or '').strip(), None))
-  _require_rows(path, rows, skipped)
+  if not allow_empty:
+    _require_rows(path, rows, skipped)
   return rows, skipped
 
 

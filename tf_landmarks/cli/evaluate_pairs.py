@@ -6,11 +6,14 @@ Examples:
       --data_dir=../shared/data/landmarks-real --max_pairs_per_kind=0
   python -m tf_landmarks.cli.evaluate_pairs --backend=delf --delf_run=runs/demo_delf \
       --data_dir=data/synthetic --max_pairs_per_kind=400
+  python -m tf_landmarks.cli.evaluate_pairs --backend=sift --data_dir=my_photos \
+      --pairs_csv=my_photos/pairs.csv --max_pairs_per_kind=0
 
 Scores pairs of images of a folder in the Google Landmarks layout (train.csv, test.csv,
-recognition_solution.csv, images/) by the inliers of geometric verification, and prints the inlier
-distribution of each pair kind, the ROC AUCs of same-landmark pairs against the rest, and how many
-pairs each inlier threshold accepts (tf_landmarks/local_features/evaluate.py).
+recognition_solution.csv, images/), or the pairs --pairs_csv lists, by the inliers of geometric
+verification, and prints the inlier distribution of each pair kind, the ROC AUCs of same-landmark
+pairs against the rest, and how many pairs each inlier threshold accepts
+(tf_landmarks/local_features/evaluate.py).
 """
 
 from absl import flags
@@ -23,8 +26,12 @@ _BACKEND = flags.DEFINE_enum('backend', 'sift', sorted(evaluate.BACKENDS), 'Loca
 _DELF_RUN = flags.DEFINE_string('delf_run', None, 'For --backend=delf: a run of tfl-train '
                                 '--mode=delf.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder in the Google Landmarks layout '
-                                '(train.csv, test.csv, recognition_solution.csv, images/).',
-                                required=True)
+                                '(train.csv, test.csv, recognition_solution.csv, images/); with '
+                                '--pairs_csv only its images/<id>.jpg are read.', required=True)
+_PAIRS_CSV = flags.DEFINE_string(
+    'pairs_csv', None, 'Score these pairs instead of those of the folder\'s CSVs: a CSV with the '
+    'columns id_a,id_b,same (image ids of --data_dir/images/; same: 1 for two images of one '
+    'landmark, 0 for different landmarks).')
 _MAX_FEATURES = flags.DEFINE_integer('max_features', 1000, 'Features per image.', lower_bound=1)
 _MAX_SIDE = flags.DEFINE_integer('max_side', 0, 'Downscale larger images to this longer side '
                                  'before extraction; 0: never.', lower_bound=0)
@@ -52,11 +59,12 @@ def main() -> int:
       ratio=_RATIO.value or None, max_distance=_MAX_DISTANCE.value or None, mutual=_MUTUAL.value,
       residual_threshold=_RESIDUAL_THRESHOLD.value, max_trials=_MAX_TRIALS.value,
       method=_METHOD.value, seed=_SEED.value)
-  print(f'{_DATA_DIR.value}: backend {_BACKEND.value}, {_MAX_FEATURES.value} features, ratio '
-        f'{settings.ratio}, distance bound {settings.max_distance}, mutual {settings.mutual}, '
+  listed = f' (pairs of {_PAIRS_CSV.value})' if _PAIRS_CSV.value else ''
+  print(f'{_DATA_DIR.value}{listed}: backend {_BACKEND.value}, {_MAX_FEATURES.value} features, '
+        f'ratio {settings.ratio}, distance bound {settings.max_distance}, mutual {settings.mutual}, '
         f'{settings.method} {settings.residual_threshold:g} px / {settings.max_trials} trials')
   evaluation = evaluate.evaluate_folder(_DATA_DIR.value, backend_fn, settings,
-                                        _MAX_PAIRS_PER_KIND.value, _SEED.value)
+                                        _MAX_PAIRS_PER_KIND.value, _SEED.value, _PAIRS_CSV.value)
   for line in evaluate.report_lines(evaluation.scores, _INLIER_THRESHOLD.value):
     print(line)
   if evaluation.skipped_rows or evaluation.failures:

@@ -14,8 +14,11 @@ Pair kinds built from a folder in the Google Landmarks layout (`train.csv`, `tes
   no_landmark_query    negative  a query whose solution lists no landmark, and a train image
 
 The headline AUC is same_landmark against both negative kinds; query_same_landmark (new viewpoints,
-as a recognition query would be) is reported beside it. Kinds with more pairs than
---max_pairs_per_kind are sampled with --seed.
+as a recognition query would be) is reported beside it. A test.csv with a header and no rows gives
+no query pairs (recognition_solution.csv is then not read). Alternatively the pairs are listed
+(`read_pairs`): a CSV `id_a,id_b,same` naming images of `images/`, same 1 for a same_landmark pair
+and 0 for a different_landmark one, e.g. a verification set of one's own. Kinds with more pairs
+than --max_pairs_per_kind are sampled with --seed.
 
 The command: `python -m tf_landmarks.cli.evaluate_pairs` (tf_landmarks/cli/evaluate_pairs.py).
 """
@@ -230,8 +233,10 @@ def make_pairs(data_dir: str, max_pairs_per_kind: int = 2000,
     EvaluationError, csv_io.CsvError: a file is missing or unusable, or the set is too large.
   """
   train, skipped_train = csv_io.read_train_csv(files.join(data_dir, 'train.csv'))
-  queries, skipped_queries = csv_io.read_test_csv(files.join(data_dir, 'test.csv'))
-  solution = _read_solution(files.join(data_dir, 'recognition_solution.csv'))
+  queries, skipped_queries = csv_io.read_test_csv(files.join(data_dir, 'test.csv'),
+                                                  allow_empty=True)
+  # Without queries the train pairs are the whole evaluation and there is nothing to look up.
+  solution = _read_solution(files.join(data_dir, 'recognition_solution.csv')) if queries else {}
   if len(train) > MAX_TRAIN_IMAGES:
     raise EvaluationError(f'{len(train)} train images: this evaluator pairs them all, so it takes '
                           f'at most {MAX_TRAIN_IMAGES}')
@@ -257,6 +262,59 @@ def make_pairs(data_dir: str, max_pairs_per_kind: int = 2000,
   rng = np.random.default_rng(seed)
   sampled = {kind: _sample(pairs, max_pairs_per_kind, rng) for kind, pairs in kinds.items()}
   return sampled, len(skipped_train) + len(skipped_queries) + unlabelled
+
+
+PAIR_COLUMNS = ('id_a', 'id_b', 'same')
+
+
+def read_pairs(pairs_csv: str, data_dir: str, max_pairs_per_kind: int = 2000,
+               seed: int = 0) -> Dict[str, List[Tuple[str, str]]]:
+  """The pairs listed in a CSV `id_a,id_b,same`, as image paths `<data_dir>/images/<id>.jpg`.
+
+  The file is untrusted: every row must name two different images by safe ids (no path) and say
+  `same` 1 (same landmark) or 0 (different landmarks), each pair once in either order.
+
+  Args:
+    pairs_csv: the CSV.
+    data_dir: the folder whose images/ holds the images.
+    max_pairs_per_kind: sample kinds with more pairs down to this many; 0 keeps all.
+    seed: seed of the sampling.
+
+  Returns:
+    'same_landmark' and 'different_landmark' → (path, path) pairs, in file order.
+
+  Raises:
+    EvaluationError, csv_io.CsvError: the file is missing, unreadable or lacks a column, or a row
+      is unusable (named by its line).
+  """
+  path = lambda image_id: files.join(data_dir, 'images', f'{image_id}.jpg')
+  kinds: Dict[str, List[Tuple[str, str]]] = {'same_landmark': [], 'different_landmark': []}
+  lines: Dict[frozenset, int] = {}
+  for line, row in csv_io.open_rows(pairs_csv, PAIR_COLUMNS):
+    where = f'{pairs_csv}, line {line}'
+    if row.get(None):
+      raise EvaluationError(f'{where}: more fields than the {len(PAIR_COLUMNS)} columns '
+                            f'{",".join(PAIR_COLUMNS)}')
+    ids = [(row[column] or '').strip() for column in ('id_a', 'id_b')]
+    for column, image_id in zip(('id_a', 'id_b'), ids):
+      if not csv_io.is_safe_image_id(image_id):
+        raise EvaluationError(f'{where}: {column} {csv_io.quoted(image_id)} is not an image id '
+                              '(letters, digits, _ - . and no path)')
+    same = (row['same'] or '').strip()
+    if same not in ('0', '1'):
+      raise EvaluationError(f'{where}: same must be 1 (same landmark) or 0, got '
+                            f'{csv_io.quoted(same)}')
+    if ids[0] == ids[1]:
+      raise EvaluationError(f'{where}: pairs {ids[0]} with itself')
+    # Listed twice, a pair would count twice in the AUC.
+    pair = frozenset(ids)
+    if pair in lines:
+      raise EvaluationError(f'{where}: the pair of line {lines[pair]} again')
+    lines[pair] = line
+    kinds['same_landmark' if same == '1' else 'different_landmark'].append(
+        (path(ids[0]), path(ids[1])))
+  rng = np.random.default_rng(seed)
+  return {kind: _sample(pairs, max_pairs_per_kind, rng) for kind, pairs in kinds.items()}
 
 
 def _sift_backend(max_features: int, max_side: Optional[int],
@@ -298,7 +356,7 @@ def report_lines(scores: Mapping[str, np.ndarray],
   """The inlier distributions of every kind, the ROC AUCs, and accept rates at given thresholds.
 
   Args:
-    scores: pair kind (POSITIVE_KINDS and NEGATIVE_KINDS) → inlier counts.
+    scores: pair kind (of POSITIVE_KINDS and NEGATIVE_KINDS) → inlier counts.
     inlier_thresholds: for each, the share of positive and of negative pairs with at least that
       many inliers (what `ransac.accept` would accept).
 
@@ -307,14 +365,17 @@ def report_lines(scores: Mapping[str, np.ndarray],
   """
   lines = ['inliers per pair kind:'] + [f'  {distribution_line(kind, values)}'
                                         for kind, values in scores.items()]
-  positives = np.concatenate([scores[kind] for kind in POSITIVE_KINDS])
-  negatives = np.concatenate([scores[kind] for kind in NEGATIVE_KINDS])
-  for positive in POSITIVE_KINDS:
+  # Listed pairs (`read_pairs`) have no query kinds.
+  positive_kinds = [kind for kind in POSITIVE_KINDS if kind in scores]
+  negative_kinds = [kind for kind in NEGATIVE_KINDS if kind in scores]
+  positives = np.concatenate([scores[kind] for kind in positive_kinds])
+  negatives = np.concatenate([scores[kind] for kind in negative_kinds])
+  for positive in positive_kinds:
     if not len(scores[positive]) or not len(negatives):
       lines.append(f'ROC AUC {positive}: no pairs on one side')
       continue
     parts = [f'{kind} {roc_auc(scores[positive], scores[kind]):.3f}'
-             for kind in NEGATIVE_KINDS if len(scores[kind])]
+             for kind in negative_kinds if len(scores[kind])]
     lines.append(f'ROC AUC {positive} vs all negatives: '
                  f'{roc_auc(scores[positive], negatives):.3f} ({", ".join(parts)})')
   if len(positives) and len(negatives):
@@ -339,13 +400,25 @@ class Evaluation:
 
 
 def evaluate_folder(data_dir: str, backend_fn: FeatureFn, settings: VerifySettings,
-                    max_pairs_per_kind: int, seed: int) -> Evaluation:
+                    max_pairs_per_kind: int, seed: int,
+                    pairs_csv: Optional[str] = None) -> Evaluation:
   """Scores every pair kind of `data_dir` (see the module docstring) with one backend.
 
+  Args:
+    data_dir: the folder in the Google Landmarks layout (only images/ with `pairs_csv`).
+    backend_fn: image (uint8 RGB) → LocalFeatures.
+    settings: matching and verification settings.
+    max_pairs_per_kind: sample kinds with more pairs down to this many; 0 keeps all.
+    seed: seed of the sampling.
+    pairs_csv: score the pairs this CSV lists (`read_pairs`) instead of those the folder's CSVs
+      give.
+
   Raises:
-    EvaluationError: the folder is unusable, or it gives no positive or no negative pairs.
+    EvaluationError, csv_io.CsvError: the folder or the pair list is unusable, or it gives no
+      positive or no negative pairs.
   """
-  pairs, skipped_rows = make_pairs(data_dir, max_pairs_per_kind, seed)
+  pairs, skipped_rows = ((read_pairs(pairs_csv, data_dir, max_pairs_per_kind, seed), 0)
+                         if pairs_csv else make_pairs(data_dir, max_pairs_per_kind, seed))
   kinds = list(pairs)
   result = pair_scores(backend_fn, [pair for kind in kinds for pair in pairs[kind]],
                        settings=settings)
@@ -355,7 +428,7 @@ def evaluate_folder(data_dir: str, backend_fn: FeatureFn, settings: VerifySettin
     scores[kind] = result.inliers[start:stop][result.valid[start:stop]]
     start = stop
   evaluation = Evaluation(scores, skipped_rows, result.failures)
-  if not any(len(scores[kind]) for kind in POSITIVE_KINDS) or \
-      not any(len(scores[kind]) for kind in NEGATIVE_KINDS):
-    raise EvaluationError(f'{data_dir}: no positive or no negative pairs to compare')
+  if not any(len(scores.get(kind, ())) for kind in POSITIVE_KINDS) or \
+      not any(len(scores.get(kind, ())) for kind in NEGATIVE_KINDS):
+    raise EvaluationError(f'{pairs_csv or data_dir}: no positive or no negative pairs to compare')
   return evaluation
