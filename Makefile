@@ -49,7 +49,7 @@ demo: $(STAMP)
 	  --delf_run=$(DEMO_RUNS)/demo_delf --split=train+validation --overwrite --noprogress
 	@echo '== Stage 5: export: the classifier SavedModel (TF Serving layout), DELF SavedModel and index'
 	$(BIN)/tfl-export --run=$(DEMO_RUNS)/demo_finetune --output_dir=$(DEMO_EXPORT) --overwrite
-	@echo '== Stage 6: predict: classify the test queries, verify the best landmarks with DELF + RANSAC'
+	@echo '== Stage 6: predict: the nearest index images propose landmarks, DELF + RANSAC verify the best'
 	$(BIN)/tfl-predict --flagfile=configs/demo_predict.flags --export=$(DEMO_EXPORT) \
 	  --output_dir=$(DEMO_PREDICTIONS) --noprogress
 	@echo '== Stage 7: evaluate: GAP before and after verification, mAP@100, the report'
