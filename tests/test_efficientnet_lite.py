@@ -1,4 +1,4 @@
-"""EfficientNet-Lite: the legacy-checkpoint reader, the Keras port, ImageNet weights with no network."""
+"""EfficientNet-Lite: the legacy-checkpoint reader, the Keras port, ImageNet weights offline."""
 
 import collections
 import hashlib
@@ -129,8 +129,10 @@ def _fake_torch(monkeypatch):
     raise AssertionError('never called while pickling')
 
   FloatStorage.__module__, FloatStorage.__qualname__ = 'torch', 'FloatStorage'
-  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
-  torch.FloatStorage, utils._rebuild_tensor_v2, torch._utils = FloatStorage, _rebuild_tensor_v2, utils
+  _rebuild_tensor_v2.__module__ = 'torch._utils'
+  _rebuild_tensor_v2.__qualname__ = '_rebuild_tensor_v2'
+  torch.FloatStorage, torch._utils = FloatStorage, utils
+  utils._rebuild_tensor_v2 = _rebuild_tensor_v2
   monkeypatch.setitem(sys.modules, 'torch', torch)
   monkeypatch.setitem(sys.modules, 'torch._utils', utils)
   return FloatStorage, _rebuild_tensor_v2

@@ -19,15 +19,16 @@ records folder), runs them through an export (`tfl-export`), and writes into `--
 Recognition. The first stage proposes landmarks: `classifier` (the export's softmax), `knn` (the
 landmarks of the query's nearest index images by global descriptor, each with the cosine
 similarity of its nearest image: a landmark with a single index image is as reachable as a large
-one) or `both` (the mean of the two, per landmark). The `--verify_top_k` best proposals are verified: the query's local
-features are matched (nearest neighbours, ratio test, mutual check) against up to
-`--max_verifications` index images of each landmark, nearest first by global descriptor, and an
-affine RANSAC counts the inliers; a landmark stops being checked once one of its images reaches
-`--min_inliers`. The answer is the verified landmark with the most inliers, scored in [1, 2)
-(`verified_score`), so every verified answer ranks above every unverified one. Without a verified
-landmark the first stage's best is kept with a score of `--unverified_weight` × its confidence
-(at most 0.1 by default): queries without a landmark, or with a landmark the index does not hold,
-rarely verify, so their answers sink to the bottom of GAP's ranking, where they cost least.
+one) or `both` (the mean of the two, per landmark). The `--verify_top_k` best proposals are
+verified: the query's local features are matched (nearest neighbours, ratio test, mutual check)
+against up to `--max_verifications` index images of each landmark, nearest first by global
+descriptor, and an affine RANSAC counts the inliers; a landmark stops being checked once one of its
+images reaches `--min_inliers`. The answer is the verified landmark with the most inliers, scored
+in [1, 2) (`verified_score`), so every verified answer ranks above every unverified one. Without a
+verified landmark the first stage's best is kept with a score of `--unverified_weight` × its
+confidence (at most 0.1 by default): queries without a landmark, or with a landmark the index does
+not hold, rarely verify, so their answers sink to the bottom of GAP's ranking, where they cost
+least.
 
 Retrieval. The query's `--retrieval_depth` nearest index images by global descriptor, the first
 `--rerank` of them verified (reusing recognition's verifications): those with at least

@@ -189,7 +189,7 @@ def _efficientnet_lite_entry(name: str, field: ReceptiveField) -> Backbone:
   variant = efficientnet_lite.VARIANTS[name]
   return Backbone(_efficientnet_lite_builder(variant), 'efficientnet_lite',
                   efficientnet_lite.expansion_after_stage(5),
-                  efficientnet_lite.block_names(variant), field, min_image_size=64,
+                  efficientnet_lite.BLOCK_NAMES, field, min_image_size=64,
                   imagenet=variant)
 
 
@@ -215,8 +215,9 @@ BACKBONES: Dict[str, Backbone] = {
             f'{_KERAS_WEIGHTS_URL}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
             '4d473c1dd8becc155b73f8504c6f6626')),
     # Receptive fields of the end of stage 5 (1×1 convolutions add nothing): the stem, then every
-    # depthwise convolution (k×k) up to there. TensorFlow's 'same' padding pads a strided layer's even-sided input on the
-    # right only (k=3) or by one more on the right (k=5), hence input_multiple 16.
+    # depthwise convolution (k×k) up to there. TensorFlow's 'same' padding pads a strided layer's
+    # even-sided input on the right only (k=3) or by one more on the right (k=5), hence
+    # input_multiple 16.
     'efficientnet_lite0': _efficientnet_lite_entry(
         'efficientnet_lite0', ReceptiveField(size=339, stride=16, padding=154, input_multiple=16)),
     'efficientnet_lite2': _efficientnet_lite_entry(

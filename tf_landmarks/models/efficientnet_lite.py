@@ -139,9 +139,8 @@ VARIANTS: Dict[str, Variant] = {
 }
 
 
-def block_names(variant: Variant) -> Tuple[str, ...]:
-  """Layer-name prefixes of the blocks `--freeze_until` takes: stem, block1 … block7, top."""
-  return ('stem', *(f'block{index}' for index in range(1, len(_B0_STAGES) + 1)), 'top')
+# Layer-name prefixes of the blocks `--freeze_until` takes, input to output (every variant).
+BLOCK_NAMES = ('stem', *(f'block{index}' for index in range(1, len(_B0_STAGES) + 1)), 'top')
 
 
 def expansion_after_stage(stage: int) -> str:
