@@ -204,10 +204,7 @@ def _mbconv(inputs, stage: Stage, stride: int, drop_rate: float, prefix: str):
   filters_in = inputs.shape[-1]
   x = inputs
   if stage.expand_ratio != 1:
-    x = keras.layers.Conv2D(filters_in * stage.expand_ratio, 1, padding='same', use_bias=False,
-                            name=f'{prefix}expand_conv')(x)
-    x = _batch_norm(f'{prefix}expand_bn')(x)
-    x = keras.layers.ReLU(6.0, name=f'{prefix}expand_relu')(x)
+    x = _conv_bn_relu(x, filters_in * stage.expand_ratio, 1, 1, f'{prefix}expand')
   x = keras.layers.DepthwiseConv2D(stage.kernel, strides=stride, padding='same', use_bias=False,
                                    name=f'{prefix}dwconv')(x)
   x = _batch_norm(f'{prefix}dw_bn')(x)
