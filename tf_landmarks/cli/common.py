@@ -4,9 +4,8 @@
 from the field, see `tf_landmarks.settings`) and `from_flags(BuildConfig)` builds the dataclass back.
 `run(main)` is each console script's entry: `--help` lists the command's own flags, and failures end
 with one line instead of a traceback: user mistakes, a bad flag value or an unknown flag included
-(exit 2), Ctrl-C and SIGTERM (130/143), and the
-environment (disk full, read-only or missing folders, permissions; exit 1), with how to continue for
-commands that can (`RESUME`, `RERUN`).
+(exit 2), Ctrl-C and SIGTERM (130/143), and the environment (disk full, read-only or missing
+folders, permissions; exit 1), with how to continue for commands that can (`RESUME`, `RERUN`).
 """
 
 import dataclasses
