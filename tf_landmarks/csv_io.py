@@ -7,7 +7,6 @@ meant for the user, and per-row problems are returned as skipped rows with a rea
 
 import csv
 import dataclasses
-import hashlib
 import itertools
 import re
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -257,11 +256,3 @@ def apply_clean_subset(rows: List[ImageRow], clean: Dict[str, int],
               for image_id, landmark_id in clean.items() if image_id not in listed)
   return kept, skipped
 
-
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file, streamed, for the manifest's record of its inputs."""
-  digest = hashlib.sha256()
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()

@@ -41,7 +41,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_landmarks import csv_io
 from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import files
@@ -357,13 +356,13 @@ def export(config: ExportConfig) -> dict:
     raise ExportError(f'{config.run}/{records_lib.LABEL_MAP} lists {len(label_map)} classes, the '
                       f'run was trained on {run["num_classes"]}; train the run again')
   build = records_lib.load_manifest(run['records_dir']).get('config', {})
-  model_sha256 = csv_io.file_sha256(files.join(config.run, index_lib.MODEL_FILE))
+  model_sha256 = files.sha256(files.join(config.run, index_lib.MODEL_FILE))
   opened_index = _resolve_index(config, model_sha256)
   backend = opened_index.metadata['local']['backend'] if opened_index else None
   delf_run = config.delf_run
   if backend == 'delf':
     delf_run = delf_run or opened_index.metadata['delf_run']
-    if csv_io.file_sha256(files.join(delf_run, index_lib.MODEL_FILE)) != \
+    if files.sha256(files.join(delf_run, index_lib.MODEL_FILE)) != \
         opened_index.metadata.get('delf_model_sha256'):
       raise ExportError(f'--delf_run={delf_run} is not the DELF model the index was built with '
                         f'({opened_index.metadata["delf_run"]}); its features would not match')

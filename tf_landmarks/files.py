@@ -5,12 +5,17 @@ TensorFlow is imported inside the writing functions only: `is_remote` and `join`
 TensorFlow-free image workers (`tf_landmarks/images.py`).
 """
 
+import contextlib
 import csv
+import errno
+import hashlib
 import io
 import os
 import posixpath
 import threading
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+LOCK_FILE = '.lock'
 
 
 def is_remote(path: str) -> bool:
@@ -68,3 +73,51 @@ def write_csv_atomically(path: str, header: Sequence[str], rows: Iterable[Sequen
   writer.writerow(header)
   writer.writerows(rows)
   write_atomically(path, buffer.getvalue())
+
+
+def sha256(path: str) -> str:
+  """Hex SHA-256 of a file, streamed in 1 MiB chunks (any tf.io.gfile path)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_writer(folder: str, command: str, error: type) -> Iterator[Optional[object]]:
+  """Holds an exclusive lock on a local artifact folder while one command writes it.
+
+  Two commands writing one folder (two `tfl-train` into one workdir, a `--resume` beside a
+  running build) would replace or corrupt each other's files. flock is released by the kernel
+  when the process dies, however it dies, so a killed writer never leaves a stale lock. Remote
+  folders (gs://) have no such lock: one writer at a time is then the user's responsibility.
+
+  Args:
+    folder: the artifact folder; it must exist.
+    command: the command's name for the message ("tfl-train").
+    error: the exception type (a `errors.UserError` subclass) raised when the folder is taken.
+
+  Yields:
+    The open lock file, or None for remote folders.
+
+  Raises:
+    error: another process holds the lock.
+  """
+  if is_remote(folder):
+    yield None
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+  lock = open(join(folder, LOCK_FILE), 'a')  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as failure:
+      if failure.errno in (errno.EAGAIN, errno.EACCES):
+        raise error(f'another {command} is writing to {folder}; wait for it to finish (or stop '
+                    'it) before running this one') from None
+      raise
+    yield lock
+  finally:
+    lock.close()

@@ -24,7 +24,6 @@ import collections
 import ctypes
 import dataclasses
 import datetime
-import errno
 import json
 import math
 import multiprocessing
@@ -57,7 +56,6 @@ _STAGING_FORMAT = 3
 # the same chunks whatever --num_workers is.
 _MIN_CHUNK_SIZE, _MAX_CHUNK_SIZE = 16, 256
 _MIN_CHUNKS = 64
-_LOCK = '.lock'
 
 
 class BuildError(errors.UserError):
@@ -160,32 +158,6 @@ def image_paths(image_dir: str, image_id: str) -> List[str]:
   return [flat, files.join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
 
 
-def _lock_output_dir(output_dir: str):
-  """Holds an exclusive lock on a local `output_dir` for the build's lifetime.
-
-  Two builds (e.g. two `--resume` runs) writing the same staging chunks and shards would corrupt
-  each other. flock is released by the kernel when the process dies, however it dies, so a killed
-  build never leaves a stale lock. Remote folders (gs://) have no such lock: one build at a time is
-  then the user's responsibility.
-
-  Returns:
-    The open lock file (keep it open), or None for remote folders.
-  """
-  if files.is_remote(output_dir):
-    return None
-  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
-  lock = open(files.join(output_dir, _LOCK), 'a')  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as error:
-    lock.close()
-    if error.errno in (errno.EAGAIN, errno.EACCES):
-      raise BuildError(f'another tfl-build-records is writing to {output_dir}; wait for it to '
-                       'finish (or stop it) before running this one') from None
-    raise
-  return lock
-
-
 def _previous_fingerprint(config: BuildConfig, complete: bool) -> Optional[dict]:
   """The fingerprint of the build already in `output_dir`, if it recorded one."""
   if complete:
@@ -278,7 +250,7 @@ def _read_rows(config: BuildConfig, skipped: List[csv_io.SkippedRow]):
                                          'id also in the train CSV'))
       else:
         test.append(row)
-  source_info = {name: {'path': path, 'sha256': csv_io.file_sha256(path)}
+  source_info = {name: {'path': path, 'sha256': files.sha256(path)}
                  for name, path in sources.items()}
   return train, test, source_info
 
@@ -729,15 +701,11 @@ def build_records(config: BuildConfig) -> dict:
   train_rows, test_rows, sources = _read_rows(config, skipped)
   fingerprint = _fingerprint(config, sources)
   tf.io.gfile.makedirs(config.output_dir)
-  lock = _lock_output_dir(config.output_dir)
-  try:
+  with files.exclusive_writer(config.output_dir, 'tfl-build-records', BuildError):
     if _prepare_output_dir(config, fingerprint):
       return records.load_manifest(config.output_dir)
     return builder(config, _build_inputs(config, train_rows, test_rows, sources, fingerprint,
                                          skipped))
-  finally:
-    if lock is not None:
-      lock.close()
 
 
 def _beam_builder():

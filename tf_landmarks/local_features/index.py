@@ -86,7 +86,6 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from tf_landmarks import csv_io
 from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import files
@@ -275,7 +274,7 @@ def _open_inputs(config: IndexConfig) -> _Inputs:
     raise LandmarkIndexError(f'{run["records_dir"]} now has {records.num_classes} classes, the run '
                              f'was trained on {run["num_classes"]}; it was rebuilt since')
   inputs = _Inputs(run, load_model(config.run, 'run', classifier.LandmarkClassifier), records,
-                   {'run_model_sha256': csv_io.file_sha256(files.join(config.run, MODEL_FILE))})
+                   {'run_model_sha256': files.sha256(files.join(config.run, MODEL_FILE))})
   if config.local_features == 'delf':
     delf_run = read_run(config.delf_run, 'delf_run')
     stage = (delf_run.get('delf') or {}).get('stage')
@@ -289,7 +288,7 @@ def _open_inputs(config: IndexConfig) -> _Inputs:
                                f'--init_from={config.delf_run})')
     inputs.delf_run = delf_run
     inputs.delf = load_model(config.delf_run, 'delf_run', delf_model.DelfModel)
-    inputs.checksums['delf_model_sha256'] = csv_io.file_sha256(
+    inputs.checksums['delf_model_sha256'] = files.sha256(
         files.join(config.delf_run, MODEL_FILE))
   return inputs
 
@@ -833,7 +832,7 @@ class Index:
     delf_run = self.metadata['delf_run']
     model_path = files.join(delf_run, MODEL_FILE)
     if not tf.io.gfile.exists(model_path) or \
-        csv_io.file_sha256(model_path) != self.metadata['delf_model_sha256']:
+        files.sha256(model_path) != self.metadata['delf_model_sha256']:
       raise LandmarkIndexError(f'{model_path}, which built the index {self.path}, is missing or '
                                'changed since; rebuild the index')
     return make_local_extractor('delf', max_features=local['max_features'],

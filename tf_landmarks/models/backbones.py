@@ -29,7 +29,6 @@ import h5py
 import keras
 import tensorflow as tf
 
-from tf_landmarks import csv_io
 from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks.models import efficientnet_lite
@@ -434,7 +433,7 @@ def _load_weights_file(model: keras.Model, name: str, local_path: str, shown_pat
       reason = f'{reason[:199]}…'
     raise BackboneError(
         f'cannot load weights file {shown_path} into the {name} backbone: {reason}') from None
-  return csv_io.file_sha256(local_path)
+  return files.sha256(local_path)
 
 
 def _check_array_count(path: str, model: keras.Model) -> None:
