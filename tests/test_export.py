@@ -14,6 +14,7 @@ from PIL import Image
 
 from tf_landmarks import data
 from tf_landmarks import export
+from tf_landmarks import runs
 from tf_landmarks import records
 from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import index as index_lib
@@ -201,9 +202,9 @@ def test_refuses_a_full_folder_an_index_of_another_run_and_a_delf_run(exported, 
   with pytest.raises(export.ExportError, match='not empty'):
     export.export(export.ExportConfig(run=exported['classifier'], index=exported['index'],
                                       output_dir=exported['export']))
-  with pytest.raises(export.ExportError, match='DELF run'):
+  with pytest.raises(runs.RunError, match='is a DELF run; --run takes a classifier run'):
     export.export(export.ExportConfig(run=exported['delf'], output_dir=str(tmp_path / 'a')))
-  with pytest.raises(export.ExportError, match='not the DELF model'):
+  with pytest.raises(runs.RunError, match='is a scratch run, not a DELF run'):
     export.export(export.ExportConfig(run=exported['classifier'], index=exported['index'],
                                       delf_run=exported['classifier'],
                                       output_dir=str(tmp_path / 'b')))

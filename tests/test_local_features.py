@@ -14,6 +14,7 @@ import pytest
 
 from helpers import REPO
 from tf_landmarks import csv_io
+from tf_landmarks import runs
 from tf_landmarks import synthetic
 from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.local_features import draw
@@ -518,5 +519,5 @@ def test_the_command_scores_the_pairs_of_a_csv(small_world, tmp_path):
 def test_delf_backend_needs_a_finished_delf_run(tmp_path):
   with pytest.raises(evaluate.EvaluationError, match='--backend=delf needs --delf_run'):
     evaluate.BACKENDS['delf'](1000, None, None)
-  with pytest.raises(evaluate.EvaluationError, match='has no model.keras'):
+  with pytest.raises(runs.RunError, match='is not a finished training run'):
     evaluate.BACKENDS['delf'](1000, None, str(tmp_path))

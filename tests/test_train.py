@@ -356,12 +356,3 @@ def test_delf_stages_train_from_a_classifier_run(synthetic_records, tmp_path):
     delf_run('attention3', 'attention', delf_reduced_dim=0, epochs=1)
   with pytest.raises(train.TrainError, match='--init_from=<classifier run> or --weights'):
     train.train(_config(synthetic_records, tmp_path / 'bad', mode=train.Mode.DELF), input_config)
-
-
-def test_a_damaged_run_json_is_a_clear_error(tmp_path):
-  (tmp_path / 'run.json').write_text('{"format": "tf-landmarks run v1"')  # Cut short.
-  with pytest.raises(train.TrainError, match='run.json is not valid JSON'):
-    train._read_run(str(tmp_path))  # pylint: disable=protected-access
-  (tmp_path / 'run.json').write_text('{"format": "something else"}')
-  with pytest.raises(train.TrainError, match="is not a run this version reads .*'something else'"):
-    train._read_run(str(tmp_path))  # pylint: disable=protected-access

@@ -46,8 +46,8 @@ from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
 from tf_landmarks import records as records_lib
+from tf_landmarks import runs
 from tf_landmarks import models
-from tf_landmarks import train
 from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import index as index_lib
 from tf_landmarks.models import classifier as classifier_lib
@@ -346,23 +346,20 @@ def export(config: ExportConfig) -> dict:
   """
   if not config.run or not config.output_dir:
     raise ExportError('give --run=<classifier run> and --output_dir=<export folder>')
-  run = index_lib.read_run(config.run, 'run')
-  if run['mode'] == train.Mode.DELF.value:
-    raise ExportError(f'--run={config.run} is a DELF run; --run takes a classifier run, '
-                      '--delf_run the DELF one')
-  model = index_lib.load_model(config.run, 'run', classifier_lib.LandmarkClassifier)
+  run = runs.load_classifier_run(config.run, 'run')
+  model = run.load_model(classifier_lib.LandmarkClassifier)
   label_map = records_lib.read_label_map(config.run)
-  if len(label_map) != run['num_classes']:
+  if len(label_map) != run.num_classes:
     raise ExportError(f'{config.run}/{records_lib.LABEL_MAP} lists {len(label_map)} classes, the '
-                      f'run was trained on {run["num_classes"]}; train the run again')
-  build = records_lib.load_manifest(run['records_dir']).get('config', {})
-  model_sha256 = files.sha256(files.join(config.run, index_lib.MODEL_FILE))
+                      f'run was trained on {run.num_classes}; train the run again')
+  build = records_lib.load_manifest(run.records_dir).get('config', {})
+  model_sha256 = run.model_sha256()
   opened_index = _resolve_index(config, model_sha256)
   backend = opened_index.metadata['local']['backend'] if opened_index else None
   delf_run = config.delf_run
   if backend == 'delf':
     delf_run = delf_run or opened_index.metadata['delf_run']
-    if files.sha256(files.join(delf_run, index_lib.MODEL_FILE)) != \
+    if runs.load_delf_run(delf_run).model_sha256() != \
         opened_index.metadata.get('delf_model_sha256'):
       raise ExportError(f'--delf_run={delf_run} is not the DELF model the index was built with '
                         f'({opened_index.metadata["delf_run"]}); its features would not match')
@@ -387,7 +384,7 @@ def export(config: ExportConfig) -> dict:
   min_image_side = int(build.get('min_image_side') or images_lib.MIN_IMAGE_SIDE)
   # Queries given as files must be prepared as the index images were: the cap above and this.
   jpeg_quality = int(build.get('jpeg_quality') or images_lib.JPEG_QUALITY)
-  save_classifier(model, landmark_ids, classifier_path, image_size=run['image_size'],
+  save_classifier(model, landmark_ids, classifier_path, image_size=run.image_size,
                   max_image_side=max_image_side, min_image_side=min_image_side,
                   top_k=config.top_k, max_image_bytes=config.max_image_bytes,
                   max_image_pixels=config.max_image_pixels)
@@ -400,8 +397,8 @@ def export(config: ExportConfig) -> dict:
       'classifier': {
           'path': f'{CLASSIFIER_DIR}/{VERSION}', 'run': config.run,
           'run_model_sha256': model_sha256,
-          'backbone': run['backbone'], 'head': run.get('head'), 'image_size': run['image_size'],
-          'num_classes': run['num_classes'], 'top_k': min(config.top_k, run['num_classes']),
+          'backbone': run.backbone, 'head': run.metadata.get('head'), 'image_size': run.image_size,
+          'num_classes': run.num_classes, 'top_k': min(config.top_k, run.num_classes),
           'signatures': {
               SERVING_SIGNATURE: {'inputs': {BYTES_INPUT: 'string [B] (encoded JPEG/PNG)'},
                                   'outputs': list(OUTPUT_NAMES)},
@@ -411,13 +408,13 @@ def export(config: ExportConfig) -> dict:
           'jpeg_quality': jpeg_quality,
           'max_image_bytes': config.max_image_bytes, 'max_image_pixels': config.max_image_pixels,
       },
-      'records_dir': run['records_dir'],
+      'records_dir': run.records_dir,
       'delf': None, 'index': None,
   }
   if opened_index is not None:
     local = opened_index.metadata['local']
     if backend == 'delf':
-      delf = index_lib.load_model(delf_run, 'delf_run', delf_model.DelfModel)
+      delf = runs.load_delf_run(delf_run).load_model(delf_model.DelfModel)
       delf_features.export_saved_model(delf, files.join(output_dir, DELF_DIR, VERSION),
                                        pca=opened_index.pca())
       description['delf'] = {

@@ -24,7 +24,6 @@ DELF), a copy of
 
 import dataclasses
 import datetime
-import enum
 import hashlib
 import io
 import json
@@ -45,29 +44,18 @@ from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import metrics
 from tf_landmarks import records as records_lib
+from tf_landmarks import runs
 from tf_landmarks import settings
 from tf_landmarks.models import backbones
 from tf_landmarks.models import classifier
 from tf_landmarks.models import delf
 from tf_landmarks.models import heads
 from tf_landmarks.models import losses
+from tf_landmarks.runs import Mode
 from tf_landmarks.settings import setting
 
-RUN_FORMAT = 'tf-landmarks run v1'
-RUN_JSON = 'run.json'
 # Set in what `train` returns when --resume found the run already finished (not in run.json).
 ALREADY_FINISHED = 'already_finished'
-_CONFIG_JSON = 'train_config.json'
-_BACKBONE_WEIGHTS = 'backbone.weights.h5'
-_HEAD_WEIGHTS = 'head.weights.npz'  # Keras 3 layers (unlike models) have no save_weights.
-_DELF_WEIGHTS = 'delf.weights.h5'
-
-
-class Mode(str, enum.Enum):
-  SCRATCH = 'scratch'
-  BOTTLENECK = 'bottleneck'
-  FINETUNE = 'finetune'
-  DELF = 'delf'
 
 
 class TrainError(errors.UserError):
@@ -346,24 +334,16 @@ def _write_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
   return tempfile.mkdtemp(prefix=f'tfl-{resolver.task_type}-{resolver.task_id}-')
 
 
-def _read_run(run_dir: str) -> dict:
-  path = files.join(run_dir, RUN_JSON)
-  if not tf.io.gfile.exists(path):
-    raise TrainError(f'{run_dir} is not a finished training run (no {RUN_JSON})')
-  return files.read_versioned_json(path, RUN_FORMAT, 'a run', 'train it again with tfl-train',
-                                   TrainError)
-
-
-def _resolve_weights(config: TrainConfig, init_run: Optional[dict]) -> str:
+def _resolve_weights(config: TrainConfig, init_run: Optional[runs.Run]) -> str:
   if config.weights:
     return config.weights
   if init_run is not None:
-    return files.join(config.init_from, _BACKBONE_WEIGHTS)
+    return files.join(config.init_from, runs.BACKBONE_WEIGHTS)
   return 'none' if config.mode == Mode.SCRATCH else 'imagenet'
 
 
 def _check_config(config: TrainConfig, input_config: data.InputConfig, weights: str,
-                  init_run: Optional[dict], records: records_lib.Records) -> None:
+                  init_run: Optional[runs.Run], records: records_lib.Records) -> None:
   settings.check(config)
   settings.check(input_config)
   if config.mode == Mode.FINETUNE and init_run is None and weights != 'none' and \
@@ -388,8 +368,8 @@ def _check_config(config: TrainConfig, input_config: data.InputConfig, weights: 
     for key in keys:
       mine = {'backbone': config.backbone, 'head': config.head,
               'num_classes': records.num_classes}[key]
-      if init_run[key] != mine:
-        raise TrainError(f'--init_from={config.init_from} has {key} {init_run[key]!r}, this run '
+      if init_run.metadata[key] != mine:
+        raise TrainError(f'--init_from={config.init_from} has {key} {init_run.metadata[key]!r}, this run '
                          f'{mine!r}')
   if config.mode == Mode.BOTTLENECK and input_config.mixup_alpha > 0:
     raise TrainError('--mixup_alpha needs images; the bottleneck stage trains on cached features')
@@ -419,8 +399,8 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
   workdir = config.workdir
   if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
     raise TrainError(f'--workdir={workdir} is a file, not a folder')
-  finished = tf.io.gfile.exists(files.join(workdir, RUN_JSON))
-  started = tf.io.gfile.exists(files.join(workdir, _CONFIG_JSON))
+  finished = tf.io.gfile.exists(files.join(workdir, runs.RUN_JSON))
+  started = tf.io.gfile.exists(files.join(workdir, runs.CONFIG_JSON))
   if (finished or started) and config.overwrite:
     tf.io.gfile.rmtree(workdir)
     finished = started = False
@@ -430,7 +410,7 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
     raise TrainError(f'{workdir} holds an unfinished run; pass --resume to continue it from its '
                      'last checkpoint, or --overwrite to start again')
   if started:
-    with tf.io.gfile.GFile(files.join(workdir, _CONFIG_JSON)) as f:
+    with tf.io.gfile.GFile(files.join(workdir, runs.CONFIG_JSON)) as f:
       previous = json.load(f)
     changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
     if changed:
@@ -438,7 +418,7 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
                        'use --overwrite to start again')
     return finished
   tf.io.gfile.makedirs(workdir)
-  files.write_atomically(files.join(workdir, _CONFIG_JSON), json.dumps(fingerprint, indent=1))
+  files.write_atomically(files.join(workdir, runs.CONFIG_JSON), json.dumps(fingerprint, indent=1))
   return False
 
 
@@ -480,7 +460,7 @@ class _Progress:
 
 
 def _build_models(config: TrainConfig, records: records_lib.Records, built, image_size: int,
-                  init_run: Optional[dict]):
+                  init_run: Optional[runs.Run]):
   """The model of `config.mode` on the built backbone, initialised and frozen as the mode says.
 
   Returns:
@@ -495,19 +475,19 @@ def _build_models(config: TrainConfig, records: records_lib.Records, built, imag
     model(dummy)
     # From a descriptor-stage run only the backbone (its weights file) carries over: its
     # attention head never trained. An attention-stage run is continued whole.
-    if init_run is not None and (init_run.get('delf') or {}).get('stage') == 'attention':
-      if init_run['delf']['reduced_dim'] != config.delf_reduced_dim:
+    if init_run is not None and (init_run.metadata.get('delf') or {}).get('stage') == 'attention':
+      if init_run.metadata['delf']['reduced_dim'] != config.delf_reduced_dim:
         raise TrainError(f'--init_from={config.init_from} reduces descriptors to '
-                         f'{init_run["delf"]["reduced_dim"]} channels, this run to '
+                         f'{init_run.metadata["delf"]["reduced_dim"]} channels, this run to '
                          f'{config.delf_reduced_dim}')
-      model.load_weights(_local_copy(files.join(config.init_from, _DELF_WEIGHTS)))
+      model.load_weights(_local_copy(files.join(config.init_from, runs.DELF_WEIGHTS)))
     return model, None
   head = heads.build_head(config.head, records.num_classes, class_counts=records.class_counts,
                           **_head_options(config))
   model = classifier.LandmarkClassifier(built.model, head, config.backbone)
   model(dummy)  # Builds every variable now, inside the strategy's scope.
   if init_run is not None:
-    _load_head_weights(head, files.join(config.init_from, _HEAD_WEIGHTS))
+    _load_head_weights(head, files.join(config.init_from, runs.HEAD_WEIGHTS))
   if config.mode == Mode.BOTTLENECK:
     backbones.freeze(built.model, config.backbone, 'all')
   elif config.mode == Mode.FINETUNE:
@@ -570,7 +550,7 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   config = dataclasses.replace(config, mode=Mode(config.mode))
   strategy = distribute.make_strategy(config.strategy, config.tpu)  # First: it may set up the runtime.
   records = records_lib.load(config.records_dir)
-  init_run = _read_run(config.init_from) if config.init_from else None
+  init_run = runs.load(config.init_from, 'init_from') if config.init_from else None
   weights = _resolve_weights(config, init_run)
   _check_config(config, input_config, weights, init_run, records)
   fingerprint = {**settings.fingerprint(config), **settings.fingerprint(input_config),
@@ -579,9 +559,9 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   if chief:  # The others write to scratch folders and only read the chief's checkpoints.
     finished = _prepare_workdir(config, fingerprint)
   else:  # They stop too, rather than wait in training steps for a chief that has returned.
-    finished = config.resume and tf.io.gfile.exists(files.join(config.workdir, RUN_JSON))
+    finished = config.resume and tf.io.gfile.exists(files.join(config.workdir, runs.RUN_JSON))
   if finished:
-    return {**_read_run(config.workdir), ALREADY_FINISHED: True}
+    return {**runs.load(config.workdir, 'workdir').metadata, ALREADY_FINISHED: True}
   write_dir = _write_dir(config.workdir, strategy)
   loss_scaling = distribute.set_precision(config.mixed_precision)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
@@ -770,7 +750,7 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
   """Writes model.keras, the weights, the label map copy and run.json (last) to the workdir."""
   workdir = config.workdir
   run = {
-      'format': RUN_FORMAT,
+      'format': runs.FORMAT,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'mode': config.mode.value, 'backbone': config.backbone, 'image_size': input_config.image_size,
       'preprocessing': backbones.get(config.backbone).preprocessing,
@@ -793,13 +773,13 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
     return run
   with tempfile.TemporaryDirectory() as local:
     # Keras writes .keras and .h5 files locally; copy them so that gs:// workdirs work too.
-    parts = [('model.keras', model.save), (_BACKBONE_WEIGHTS, built.model.save_weights)]
-    parts.append((_DELF_WEIGHTS, model.save_weights) if head is None else
-                 (_HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights())))
+    parts = [(runs.MODEL_FILE, model.save), (runs.BACKBONE_WEIGHTS, built.model.save_weights)]
+    parts.append((runs.DELF_WEIGHTS, model.save_weights) if head is None else
+                 (runs.HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights())))
     for name, save in parts:
       save(os.path.join(local, name))
       tf.io.gfile.copy(os.path.join(local, name), files.join(workdir, name), overwrite=True)
   tf.io.gfile.copy(files.join(records.path, records_lib.LABEL_MAP),
                    files.join(workdir, records_lib.LABEL_MAP), overwrite=True)
-  files.write_atomically(files.join(workdir, RUN_JSON), json.dumps(run, indent=1, default=str))
+  files.write_atomically(files.join(workdir, runs.RUN_JSON), json.dumps(run, indent=1, default=str))
   return run

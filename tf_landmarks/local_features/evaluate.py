@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import io
 import itertools
-import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -328,13 +327,12 @@ def _delf_backend(max_features: int, max_side: Optional[int],
   """DELF features from the model.keras of a `tfl-train --mode=delf` run."""
   if not delf_run:
     raise EvaluationError('--backend=delf needs --delf_run=<run of tfl-train --mode=delf>')
-  import keras  # pylint: disable=g-import-not-at-top  (heavy; the SIFT path does not need it)
+  # Heavy; the SIFT path does not need them.
+  from tf_landmarks import runs  # pylint: disable=g-import-not-at-top
   from tf_landmarks.local_features import delf  # pylint: disable=g-import-not-at-top
-  from tf_landmarks.models import delf as delf_model  # pylint: disable=g-import-not-at-top,unused-import
-  path = os.path.join(delf_run, 'model.keras')
-  if not os.path.exists(path):
-    raise EvaluationError(f'{delf_run} has no model.keras; give a finished --mode=delf run')
-  return delf.DelfExtractor(keras.saving.load_model(path), max_feature_num=max_features,
+  from tf_landmarks.models import delf as delf_model  # pylint: disable=g-import-not-at-top
+  model = runs.load_delf_run(delf_run).load_model(delf_model.DelfModel)
+  return delf.DelfExtractor(model, max_feature_num=max_features,
                             **({'max_side': max_side} if max_side else {}))
 
 

@@ -81,7 +81,6 @@ import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import faiss
-import keras
 import numpy as np
 import tensorflow as tf
 import tqdm
@@ -90,16 +89,14 @@ from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import records as records_lib
+from tf_landmarks import runs
 from tf_landmarks import schema
 from tf_landmarks import settings
-from tf_landmarks import train
 from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import sift
 from tf_landmarks.models import classifier
 from tf_landmarks.models import delf as delf_model
-# Imported for its side effect: it registers the head classes that load_model deserialises.
-from tf_landmarks.models import heads  # pylint: disable=unused-import
 from tf_landmarks.settings import setting
 
 FORMAT = 'tf-landmarks index v1'
@@ -112,7 +109,6 @@ GLOBAL_FILE = 'global.npy'
 IVF_FILE = 'global_ivf.faiss'
 PCA_FILE = 'pca.npz'
 SHARDS_DIR = 'shards'
-MODEL_FILE = 'model.keras'
 BACKENDS = ('delf', 'sift')
 SPLITS = {'train': ('train',), 'train+validation': ('train', 'validation')}
 SIFT_DIM = 128
@@ -198,98 +194,34 @@ def make_local_extractor(backend: str, *, max_features: int,
                                      abs_threshold=delf_abs_threshold, pca=pca)
 
 
-# --- Runs ------------------------------------------------------------------------------------
-
-
-def read_run(run_dir: str, flag: str) -> dict:
-  """run.json of a finished training run, checked enough to use; raises LandmarkIndexError."""
-  path = files.join(run_dir, train.RUN_JSON)
-  if not tf.io.gfile.isdir(run_dir):
-    raise LandmarkIndexError(f'--{flag}={run_dir} is not a folder')
-  if not tf.io.gfile.exists(path):
-    raise LandmarkIndexError(f'--{flag}={run_dir} is not a finished training run (no '
-                             f'{train.RUN_JSON})')
-  run = files.read_versioned_json(path, train.RUN_FORMAT, 'a run',
-                                  'train it again with tfl-train', LandmarkIndexError)
-  kinds = {'mode': str, 'backbone': str, 'image_size': int, 'records_dir': str, 'num_classes': int}
-  if not all(isinstance(run.get(key), kind) for key, kind in kinds.items()):
-    raise LandmarkIndexError(f'{path} is incomplete or damaged (it needs '
-                             f'{", ".join(kinds)}); train the run again')
-  return run
-
-
-def _ends_like_a_zip(path: str) -> bool:
-  """Whether the file ends with a zip archive's end record (as a whole .keras file does)."""
-  size = tf.io.gfile.stat(path).length
-  # The end record is 22 bytes plus a comment of at most 65,535.
-  tail_size = min(size, 22 + 65535)
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    f.seek(size - tail_size)
-    return b'PK\x05\x06' in f.read(tail_size)
-
-
-def load_model(run_dir: str, flag: str, kind: type) -> keras.Model:
-  """The run's model.keras, checked to be a `kind`; raises LandmarkIndexError."""
-  path = files.join(run_dir, MODEL_FILE)
-  if not tf.io.gfile.exists(path):
-    raise LandmarkIndexError(f'--{flag}={run_dir} has no {MODEL_FILE}; train the run again')
-  if not _ends_like_a_zip(path):
-    # Keras reports a truncated or foreign file as "File not found"; say what is wrong instead.
-    raise LandmarkIndexError(f'{path} is damaged or truncated (not a .keras archive); train the '
-                             'run again')
-  try:
-    model = keras.saving.load_model(path)
-  except Exception as error:  # pylint: disable=broad-except
-    # A damaged archive fails anywhere in Keras's loader (zip, JSON, h5, deserialisation), each
-    # with its own exception type; all mean the same to the user.
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    raise LandmarkIndexError(f'cannot load {path} ({reason}); train the run again') from None
-  if not isinstance(model, kind):
-    raise LandmarkIndexError(f'{path} holds a {type(model).__name__}, not a {kind.__name__}')
-  return model
-
-
 @dataclasses.dataclass
 class _Inputs:
   """The checked runs and records of a build."""
-  run: dict
+  run: runs.Run
   classifier: classifier.LandmarkClassifier
   records: records_lib.Records
   checksums: Dict[str, Optional[str]]
-  delf_run: Optional[dict] = None
+  delf_run: Optional[runs.Run] = None
   delf: Optional[delf_model.DelfModel] = None
 
 
 def _open_inputs(config: IndexConfig) -> _Inputs:
-  run = read_run(config.run, 'run')
-  if run['mode'] == train.Mode.DELF.value:
-    raise LandmarkIndexError(f'--run={config.run} is a DELF run; --run takes a classifier run '
-                             '(scratch, bottleneck or finetune), --delf_run the DELF one')
+  run = runs.load_classifier_run(config.run, 'run')
   try:
-    records = records_lib.load(run['records_dir'])
+    records = records_lib.load(run.records_dir)
   except records_lib.RecordsError as error:
     raise LandmarkIndexError(f'the records folder of --run={config.run} '
-                             f'({run["records_dir"]}): {error}') from None
-  if records.num_classes != run['num_classes']:
-    raise LandmarkIndexError(f'{run["records_dir"]} now has {records.num_classes} classes, the run '
-                             f'was trained on {run["num_classes"]}; it was rebuilt since')
-  inputs = _Inputs(run, load_model(config.run, 'run', classifier.LandmarkClassifier), records,
-                   {'run_model_sha256': files.sha256(files.join(config.run, MODEL_FILE))})
+                             f'({run.records_dir}): {error}') from None
+  if records.num_classes != run.num_classes:
+    raise LandmarkIndexError(f'{run.records_dir} now has {records.num_classes} classes, the run '
+                             f'was trained on {run.num_classes}; it was rebuilt since')
+  inputs = _Inputs(run, run.load_model(classifier.LandmarkClassifier), records,
+                   {'run_model_sha256': run.model_sha256()})
   if config.local_features == 'delf':
-    delf_run = read_run(config.delf_run, 'delf_run')
-    stage = (delf_run.get('delf') or {}).get('stage')
-    if delf_run['mode'] != train.Mode.DELF.value:
-      raise LandmarkIndexError(f'--delf_run={config.delf_run} is a {delf_run["mode"]} run, not a '
-                               'DELF run (tfl-train --mode=delf)')
-    if stage != 'attention':
-      raise LandmarkIndexError(f'--delf_run={config.delf_run} is a {stage} stage run: its '
-                               'attention is untrained; train the attention stage from it '
-                               '(tfl-train --mode=delf --delf_stage=attention '
-                               f'--init_from={config.delf_run})')
+    delf_run = runs.load_delf_run(config.delf_run, 'delf_run')
     inputs.delf_run = delf_run
-    inputs.delf = load_model(config.delf_run, 'delf_run', delf_model.DelfModel)
-    inputs.checksums['delf_model_sha256'] = files.sha256(
-        files.join(config.delf_run, MODEL_FILE))
+    inputs.delf = delf_run.load_model(delf_model.DelfModel)
+    inputs.checksums['delf_model_sha256'] = delf_run.model_sha256()
   return inputs
 
 
@@ -442,7 +374,7 @@ class _Builder:
                extract: LocalExtractor, descriptor_dim: int):
     self.config, self.inputs, self.index_dir = config, inputs, index_dir
     self.extract, self.descriptor_dim = extract, descriptor_dim
-    self.image_size = inputs.run['image_size']
+    self.image_size = inputs.run.image_size
     self.embed = tf.function(inputs.classifier.embed, input_signature=[
         tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)])
 
@@ -584,9 +516,9 @@ def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descri
       'format': FORMAT,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'run': config.run, 'delf_run': config.delf_run, **inputs.checksums,
-      'backbone': inputs.run['backbone'], 'image_size': inputs.run['image_size'],
-      'head': inputs.run.get('head'),
-      'delf': inputs.delf_run['delf'] if inputs.delf_run else None,
+      'backbone': inputs.run.backbone, 'image_size': inputs.run.image_size,
+      'head': inputs.run.metadata.get('head'),
+      'delf': inputs.delf_run.metadata['delf'] if inputs.delf_run else None,
       'records_dir': inputs.records.path,
       'records_created': inputs.records.manifest.get('created'), 'splits': list(splits),
       'local': {'backend': config.local_features, 'descriptor_dim': descriptor_dim,
@@ -829,13 +761,11 @@ class Index:
     local = self.metadata['local']
     if local['backend'] == 'sift':
       return make_local_extractor('sift', max_features=local['max_features'])
-    delf_run = self.metadata['delf_run']
-    model_path = files.join(delf_run, MODEL_FILE)
-    if not tf.io.gfile.exists(model_path) or \
-        files.sha256(model_path) != self.metadata['delf_model_sha256']:
-      raise LandmarkIndexError(f'{model_path}, which built the index {self.path}, is missing or '
-                               'changed since; rebuild the index')
+    delf_run = runs.load_delf_run(self.metadata['delf_run'], 'delf_run')
+    if delf_run.model_sha256() != self.metadata['delf_model_sha256']:
+      raise LandmarkIndexError(f'{delf_run.file(runs.MODEL_FILE)}, which built the index '
+                               f'{self.path}, changed since; rebuild the index')
     return make_local_extractor('delf', max_features=local['max_features'],
-                                delf=load_model(delf_run, 'delf_run', delf_model.DelfModel),
+                                delf=delf_run.load_model(delf_model.DelfModel),
                                 delf_scales=local['delf_scales'],
                                 delf_abs_threshold=local['delf_abs_threshold'], pca=self.pca())
