@@ -13,7 +13,7 @@ import io
 import os
 import posixpath
 import threading
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 LOCK_FILE = '.lock'
 
@@ -121,3 +121,84 @@ def exclusive_writer(folder: str, command: str, error: type) -> Iterator[Optiona
     yield lock
   finally:
     lock.close()
+
+
+VERIFIED_STAMP = '.verified.json'
+
+
+def checksums(folder: str, names: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+  """Size and SHA-256 of files in `folder`, as artifacts record them: {name: {bytes, sha256}}.
+
+  Args:
+    folder: the artifact folder.
+    names: the files' paths relative to `folder` ('/'-separated).
+  """
+  return {name: {'bytes': _size_and_time(join(folder, name))[0],
+                 'sha256': sha256(join(folder, name))} for name in names}
+
+
+def verify_checksums(folder: str, expected: Mapping[str, Mapping[str, Any]], *, what: str,
+                     hint: str, error: type, full: bool = False) -> None:
+  """Checks an artifact's files against the sizes and digests it recorded when written.
+
+  Sizes are checked on every call (one stat per file). Digests are checked when `full` is set or
+  when the files changed since the last full check: a successful full check leaves a stamp
+  (`.verified.json`: each file's size and modification time) in the folder, so a later load only
+  compares stats. A folder that cannot be written (read-only, a bucket without rights) is simply
+  hashed on every load.
+
+  Args:
+    folder: the artifact folder.
+    expected: {relative path: {'bytes': int, 'sha256': hex}} as `checksums` returned it.
+    what: the artifact for the message ("the index", "the export").
+    hint: what the user should do about a damaged file ("rebuild the index").
+    error: the exception type (a `errors.UserError` subclass).
+    full: hash every file whatever the stamp says.
+
+  Raises:
+    error: a file is missing, has another size, or another digest; the message names it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  stats = {}
+  for name, recorded in sorted(expected.items()):
+    path = join(folder, name)
+    if not tf.io.gfile.exists(path):
+      raise error(f'{path} is missing from {what}; {hint}')
+    size, modified = _size_and_time(path)
+    if size != recorded['bytes']:
+      raise error(f'{path} has {size:,} bytes, {what} recorded {recorded["bytes"]:,} '
+                  f'(truncated or replaced); {hint}')
+    stats[name] = [size, modified]
+  stamp_path = join(folder, VERIFIED_STAMP)
+  stamp = {'expected': sha256_of_text(json.dumps(expected, sort_keys=True)), 'files': stats}
+  if not full and tf.io.gfile.exists(stamp_path):
+    try:
+      with tf.io.gfile.GFile(stamp_path) as f:
+        if json.load(f) == stamp:
+          return
+    except (ValueError, tf.errors.OpError):
+      pass  # A damaged stamp only costs a full check.
+  for name, recorded in sorted(expected.items()):
+    if sha256(join(folder, name)) != recorded['sha256']:
+      raise error(f'{join(folder, name)} is not the file {what} was written with (its SHA-256 '
+                  f'differs); {hint}')
+  try:
+    write_atomically(stamp_path, json.dumps(stamp))
+  except (OSError, tf.errors.OpError):
+    pass  # Read-only: the next load hashes again.
+
+
+def _size_and_time(path: str):
+  """A file's size and modification time in ns (tf.io.gfile's local stat rounds to seconds)."""
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    stat = tf.io.gfile.stat(path)
+    return stat.length, stat.mtime_nsec
+  stat = os.stat(path)
+  return stat.st_size, stat.st_mtime_ns
+
+
+def sha256_of_text(text: str) -> str:
+  """Hex SHA-256 of a string's UTF-8 bytes."""
+  return hashlib.sha256(text.encode()).hexdigest()
