@@ -260,6 +260,19 @@ def _configs_by_command():
   return by_command
 
 
+def test_shared_flagfiles_are_included_by_recipes_and_every_inclusion_exists():
+  shared = {f'configs/shared/{path.name}' for path in (REPO / 'configs' / 'shared').glob('*.flags')}
+  included = set()
+  for path in (REPO / 'configs').glob('*.flags'):
+    for line in path.read_text().splitlines():
+      if line.startswith('--flagfile='):
+        included.add(line.split('=', 1)[1])
+  assert included == shared  # No inclusion of a missing file, no shared file left unused.
+  for name in shared:
+    # A shared file is no recipe: it has no launch command of its own.
+    assert 'tfl-' not in (REPO / name).read_text(), name
+
+
 def test_every_config_names_its_command_and_parses_against_the_real_flags():
   commands = {'tfl-synth': ('synth', ['--output_dir=o']),
               'tfl-build-records': ('build_records', []),
