@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +18,9 @@ import pytest
 import tensorflow as tf
 
 from tf_landmarks import data
+from tf_landmarks import files
 from tf_landmarks import records
+from tf_landmarks import runs
 from tf_landmarks import train
 from tf_landmarks.models import heads
 from tf_landmarks.splits import Singletons
@@ -356,3 +360,99 @@ def test_delf_stages_train_from_a_classifier_run(synthetic_records, tmp_path):
     delf_run('attention3', 'attention', delf_reduced_dim=0, epochs=1)
   with pytest.raises(train.TrainError, match='--init_from=<classifier run> or --weights'):
     train.train(_config(synthetic_records, tmp_path / 'bad', mode=train.Mode.DELF), input_config)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(synthetic_records, tmp_path_factory):
+  """A finished classifier run of one step: what the --init_from tests start from (copies)."""
+  workdir = tmp_path_factory.mktemp('tiny') / 'run'
+  train.train(_config(synthetic_records, workdir, epochs=1, steps_per_epoch=1),
+              data.InputConfig(image_size=32))
+  return workdir
+
+
+def _finetune(records_dir, workdir, init_from, **overrides):
+  return _config(records_dir, workdir, mode=train.Mode.FINETUNE, weights='',
+                 init_from=str(init_from), epochs=1, steps_per_epoch=1, **overrides)
+
+
+def _flip_byte(path):
+  data_bytes = bytearray(path.read_bytes())
+  data_bytes[len(data_bytes) // 2] ^= 0xFF
+  path.write_bytes(bytes(data_bytes))
+
+
+@pytest.mark.parametrize('name', ['backbone.weights.h5', 'head.weights.npz'])
+def test_a_damaged_init_from_file_is_one_line_naming_it(synthetic_records, tiny_run, tmp_path,
+                                                        name):
+  damaged = shutil.copytree(tiny_run, tmp_path / 'damaged')
+  _flip_byte(damaged / name)
+  with pytest.raises(runs.RunError, match=re.escape(f'{damaged / name} is not the file the run '
+                                                    'was written with (its SHA-256 differs)')):
+    train.train(_finetune(synthetic_records, tmp_path / 'run', damaged),
+                data.InputConfig(image_size=32))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_head_is_not_reused_across_another_label_map(synthetic_records, tiny_run, tmp_path):
+  other = shutil.copytree(synthetic_records, tmp_path / 'other')
+  rows = records.read_label_map(str(other))  # The same classes and counts, other landmarks.
+  records.write_label_map(str(other), [(label, 5000 + landmark, count)
+                                       for label, landmark, count in rows])
+  with pytest.raises(train.TrainError, match=f'--init_from={re.escape(str(tiny_run))} was trained '
+                     f'on another label map than --records_dir={re.escape(str(other))} '
+                     rf'\(the same {len(rows)} classes, other landmark ids\)'):
+    train.train(_finetune(other, tmp_path / 'run', tiny_run), data.InputConfig(image_size=32))
+
+
+def test_one_tfl_train_at_a_time_writes_a_workdir(synthetic_records, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with files.exclusive_writer(str(workdir), 'tfl-train', train.TrainError):
+    with pytest.raises(train.TrainError, match=f'another tfl-train is writing to '
+                       f'{re.escape(str(workdir))}; wait for it'):
+      train.train(_config(synthetic_records, workdir, epochs=1, steps_per_epoch=1),
+                  data.InputConfig(image_size=32))
+  assert not (workdir / runs.CONFIG_JSON).exists()  # The holder's folder, untouched.
+
+
+def test_a_failed_start_removes_only_a_workdir_it_created(synthetic_records, tiny_run, tmp_path):
+  # A v1 run: its files are not checked on load, so the damaged head shows when it is read, after
+  # the workdir was prepared.
+  old = shutil.copytree(tiny_run, tmp_path / 'old')
+  metadata = json.loads((old / runs.RUN_JSON).read_text())
+  for key in ('status', 'files'):
+    del metadata[key]
+  (old / runs.RUN_JSON).write_text(json.dumps({**metadata, 'format': 'tf-landmarks run v1'}))
+  _flip_byte(old / 'head.weights.npz')
+  damaged = re.escape(f'{old / "head.weights.npz"} is damaged')
+  with pytest.raises(train.TrainError, match=damaged):
+    train.train(_finetune(synthetic_records, tmp_path / 'fresh', old),
+                data.InputConfig(image_size=32))
+  assert not (tmp_path / 'fresh').exists()
+  # A folder that was there before is kept, and so is the unfinished run a --resume fails on.
+  kept = tmp_path / 'kept'
+  kept.mkdir()
+  for resume in (False, True):
+    with pytest.raises(train.TrainError, match=damaged):
+      train.train(_finetune(synthetic_records, kept, old, resume=resume),
+                  data.InputConfig(image_size=32))
+    assert (kept / runs.CONFIG_JSON).exists()
+
+
+def test_a_failed_run_is_neither_resumed_nor_used(synthetic_records, tmp_path):
+  workdir = tmp_path / 'diverged'
+  workdir.mkdir()
+  runs.write_failed(str(workdir), {'mode': 'scratch', 'backbone': 'tiny', 'image_size': 32,
+                                   'records_dir': str(synthetic_records), 'num_classes': 8},
+                    'the loss became NaN at step 3')
+  for resume in (False, True):
+    with pytest.raises(train.TrainError, match=r'diverged holds a failed run \(the loss became NaN '
+                       r'at step 3\); use another --workdir or --overwrite'):
+      train.train(_config(synthetic_records, workdir, resume=resume),
+                  data.InputConfig(image_size=32))
+  with pytest.raises(runs.RunError, match=r'diverged is a failed run \(the loss became NaN at '
+                     r'step 3\); it cannot be used as --init_from'):
+    train.train(_finetune(synthetic_records, tmp_path / 'run', workdir),
+                data.InputConfig(image_size=32))
+  assert not (tmp_path / 'run').exists()

@@ -13,7 +13,7 @@ import io
 import os
 import posixpath
 import threading
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 LOCK_FILE = '.lock'
 
@@ -28,13 +28,14 @@ def join(*parts: str) -> str:
   return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
 
 
-def read_versioned_json(path: str, expected_format: str, what: str, hint: str,
-                        error: type) -> dict:
+def read_versioned_json(path: str, expected_format: Union[str, Tuple[str, ...]], what: str,
+                        hint: str, error: type) -> dict:
   """Reads an artifact's JSON (manifest, run.json, index.json) and checks its format version.
 
   Args:
     path: the file (any tf.io.gfile path); the caller has checked that it exists.
-    expected_format: the value its "format" key must have.
+    expected_format: the value its "format" key must have, or the values this version reads (the
+      current one first).
     what: the artifact, for the message ("a manifest", "a run", …).
     hint: what the user should do about a foreign or outdated file.
     error: the exception type to raise (a `errors.UserError` subclass).
@@ -51,9 +52,10 @@ def read_versioned_json(path: str, expected_format: str, what: str, hint: str,
   except json.JSONDecodeError as decode_error:
     raise error(f'{path} is not valid JSON ({decode_error})') from None
   found = value.get('format') if isinstance(value, dict) else None
-  if found != expected_format:
+  readable = (expected_format,) if isinstance(expected_format, str) else expected_format
+  if found not in readable:
     raise error(f'{path} is not {what} this version reads (format {found!r}, expected '
-                f'{expected_format!r}); {hint}')
+                f'{readable[0]!r}); {hint}')
   return value
 
 

@@ -1,4 +1,5 @@
-"""The run folder (`tfl-train --workdir`): its file names, its format, and a typed, checked load.
+"""The run folder (`tfl-train --workdir`): its file names, its format, its writing and a typed,
+checked load.
 
 A finished run holds:
 
@@ -9,28 +10,44 @@ A finished run holds:
   label_map.csv          a copy of the records folder's label map (class index → landmark id)
   train_config.json      the settings fingerprint, written first (the mark of a started run)
   run.json               written LAST (the mark of a finished run): what was trained on what, with
-                         which weights, and its scores
+                         which weights, its scores, `"status": "complete"` and each file's size and
+                         SHA-256 (`"files"`)
+
+A run that training gave up on (it diverged) gets a run.json with `"status": "failed"` and the
+reason (`"failure"`) and no files: it records what happened and is never used by a later stage.
 
 Every reader of a run (the next training stage, the index builder, the exporter, the pair
-evaluation) goes through `load`, so the format is checked in one place.
+evaluation) goes through `load`, so the format and the files are checked in one place; `write`
+and `write_failed` are the only writers of run.json.
 """
 
 import dataclasses
+import datetime
 import enum
-from typing import Any, Dict
+import json
+import os
+import tempfile
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from tf_landmarks import errors
 from tf_landmarks import files
+from tf_landmarks import records as records_lib
 
-FORMAT = 'tf-landmarks run v1'
+FORMAT = 'tf-landmarks run v2'
+# v1 run.json has no "files" and no "status": such runs are read without checking their files.
+_FORMAT_V1 = 'tf-landmarks run v1'
+COMPLETE = 'complete'
+FAILED = 'failed'
 RUN_JSON = 'run.json'
 CONFIG_JSON = 'train_config.json'
 MODEL_FILE = 'model.keras'
 BACKBONE_WEIGHTS = 'backbone.weights.h5'
 HEAD_WEIGHTS = 'head.weights.npz'  # Keras 3 layers (unlike models) have no save_weights.
 DELF_WEIGHTS = 'delf.weights.h5'
+LABEL_MAP = records_lib.LABEL_MAP
+_HINT = 'train the run again'
 
 
 class Mode(str, enum.Enum):
@@ -79,6 +96,16 @@ class Run:
     """The path of one of the run's files (`MODEL_FILE`, `BACKBONE_WEIGHTS`, …)."""
     return files.join(self.path, name)
 
+  def landmark_ids(self) -> Tuple[int, ...]:
+    """The landmark id of each class (in class order), from the run's copy of the label map.
+
+    Raises:
+      RunError, records.RecordsError: the copy is missing or malformed.
+    """
+    if not tf.io.gfile.exists(self.file(LABEL_MAP)):
+      raise RunError(f'{self.file(LABEL_MAP)} is missing; {_HINT}')
+    return tuple(row[1] for row in records_lib.read_label_map(self.path))
+
   def model_sha256(self) -> str:
     """SHA-256 of model.keras: what indexes and exports record to name the model they used."""
     return files.sha256(self.file(MODEL_FILE))
@@ -121,7 +148,7 @@ def _ends_like_a_zip(path: str) -> bool:
 
 
 def is_finished(path: str) -> bool:
-  """Whether `path` holds a finished run (its run.json exists)."""
+  """Whether `path` holds an ended run (its run.json exists): complete, or failed."""
   return tf.io.gfile.exists(files.join(path, RUN_JSON))
 
 
@@ -130,31 +157,119 @@ def is_started(path: str) -> bool:
   return tf.io.gfile.exists(files.join(path, CONFIG_JSON))
 
 
-def load(path: str, flag: str = 'run') -> Run:
-  """Reads and checks a finished run's run.json.
+def failure_of(path: str) -> Optional[str]:
+  """Why the run in `path` failed, or None when it did not (or has not ended)."""
+  run_json = files.join(path, RUN_JSON)
+  if not tf.io.gfile.exists(run_json):
+    return None
+  metadata = files.read_versioned_json(run_json, (FORMAT, _FORMAT_V1), 'a run',
+                                       'train it again with tfl-train', RunError)
+  return metadata.get('failure') if metadata.get('status') == FAILED else None
+
+
+def write(workdir: str, metadata: Mapping[str, Any],
+          save_parts: Sequence[Tuple[str, Callable[[str], None]]], records_dir: str) -> dict:
+  """Writes a finished run into `workdir`: its model files, the label map copy, run.json last.
+
+  Args:
+    workdir: the run folder (it exists).
+    metadata: what run.json describes (mode, backbone, image_size, records_dir, num_classes, head,
+      weights, scores, settings…); `format`, `created`, `status` and `files` are added.
+    save_parts: (file name, save(local path)) for each model file (`MODEL_FILE`, …). Keras writes
+      .keras and .h5 files to local paths only: each is saved in a local temporary folder and
+      copied in, so that gs:// workdirs work too.
+    records_dir: the records folder whose label map the run keeps a copy of.
+
+  Returns:
+    What run.json holds.
+  """
+  with tempfile.TemporaryDirectory() as local:
+    for name, save in save_parts:
+      save(os.path.join(local, name))
+      tf.io.gfile.copy(os.path.join(local, name), files.join(workdir, name), overwrite=True)
+  tf.io.gfile.copy(files.join(records_dir, LABEL_MAP), files.join(workdir, LABEL_MAP),
+                   overwrite=True)
+  checksums = files.checksums(workdir, [name for name, _ in save_parts] + [LABEL_MAP])
+  run = {'format': FORMAT, 'created': _now(), **metadata, 'status': COMPLETE, 'files': checksums}
+  files.write_atomically(files.join(workdir, RUN_JSON), json.dumps(run, indent=1, default=str))
+  # Hashing the files once more leaves the stamp that spares the first load from hashing them, and
+  # readers of a read-only run folder from hashing them on every load.
+  files.verify_checksums(workdir, checksums, what='the run', hint=_HINT, error=RunError, full=True)
+  return run
+
+
+def write_failed(workdir: str, metadata: Mapping[str, Any], failure: str) -> dict:
+  """Ends a run that training gave up on: run.json with `"status": "failed"` and the reason.
+
+  The folder keeps its checkpoints for inspection, but `load` refuses it, so it is never used as
+  --init_from (or by any other stage), and tfl-train neither resumes it nor trains over it without
+  --overwrite.
+
+  Args:
+    workdir: the run folder.
+    metadata: what `write` would record, without files (mode, backbone, settings, history…).
+    failure: what went wrong, for users (made one line).
+
+  Returns:
+    What run.json holds.
+  """
+  run = {'format': FORMAT, 'created': _now(), **metadata, 'status': FAILED,
+         'failure': ' '.join(failure.split())}
+  files.write_atomically(files.join(workdir, RUN_JSON), json.dumps(run, indent=1, default=str))
+  return run
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def _well_formed_files(listed: Any) -> bool:
+  return isinstance(listed, dict) and bool(listed) and all(
+      isinstance(entry, dict) and isinstance(entry.get('bytes'), int) and
+      isinstance(entry.get('sha256'), str) for entry in listed.values())
+
+
+def load(path: str, flag: str = 'run', verify: bool = False) -> Run:
+  """Reads and checks a finished run: its run.json, then its files.
+
+  A run of the current format has its files checked against the sizes and SHA-256 digests its
+  run.json recorded: the sizes on every load, the digests when the files changed since the last
+  full check (`files.verify_checksums`), or always with `verify`. A v1 run (written before run.json
+  recorded its files) is loaded WITHOUT checking its files: a damaged file shows only when a stage
+  reads it.
 
   Args:
     path: the run folder.
     flag: the flag that named it, for messages ("init_from", "delf_run", …).
+    verify: hash every file, whatever changed since the last check.
 
   Raises:
-    RunError: not a folder, not finished, of another format, or missing a field readers need.
+    RunError: not a folder, not finished, failed, of another format, missing a field readers need,
+      or one of its files is missing, truncated or not the file the run wrote.
   """
   if not tf.io.gfile.isdir(path):
     raise RunError(f'--{flag}={path} is not a folder')
   run_json = files.join(path, RUN_JSON)
   if not tf.io.gfile.exists(run_json):
     raise RunError(f'--{flag}={path} is not a finished training run (no {RUN_JSON})')
-  metadata = files.read_versioned_json(run_json, FORMAT, 'a run', 'train it again with tfl-train',
-                                       RunError)
-  if not all(isinstance(metadata.get(key), kind) for key, kind in _REQUIRED.items()):
-    raise RunError(f'{run_json} is incomplete or damaged (it needs {", ".join(_REQUIRED)}); train '
-                   'the run again')
+  metadata = files.read_versioned_json(run_json, (FORMAT, _FORMAT_V1), 'a run',
+                                       'train it again with tfl-train', RunError)
+  current = metadata['format'] == FORMAT
+  if current and metadata.get('status') == FAILED:
+    raise RunError(f'{path} is a failed run ({metadata.get("failure")}); it cannot be used as '
+                   f'--{flag}')
+  if not all(isinstance(metadata.get(key), kind) for key, kind in _REQUIRED.items()) or (
+      current and (metadata.get('status') != COMPLETE or
+                   not _well_formed_files(metadata.get('files')))):
+    needs = ', '.join(_REQUIRED) + (', status and files' if current else '')
+    raise RunError(f'{run_json} is incomplete or damaged (it needs {needs}); {_HINT}')
   try:
     mode = Mode(metadata['mode'])
   except ValueError:
-    raise RunError(f'{run_json} names an unknown mode {metadata["mode"]!r}; train the run '
-                   'again') from None
+    raise RunError(f'{run_json} names an unknown mode {metadata["mode"]!r}; {_HINT}') from None
+  if current:
+    files.verify_checksums(path, metadata['files'], what='the run', hint=_HINT, error=RunError,
+                           full=verify)
   return Run(path=path, mode=mode, backbone=metadata['backbone'],
              image_size=metadata['image_size'], num_classes=metadata['num_classes'],
              records_dir=metadata['records_dir'], metadata=metadata)

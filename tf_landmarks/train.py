@@ -17,9 +17,11 @@ Modes:
   `--delf_stage=descriptor` first fine-tunes the local-feature layers on classification.
 
 The run folder (`--workdir`) holds everything later stages need: `checkpoints/` (latest and best),
-`tensorboard/`, `model.keras`, `backbone.weights.h5` and `head.weights.npz` (`delf.weights.h5` for
-DELF), a copy of
-`label_map.csv`, and `run.json` (written last) describing the model, its weights and its metrics.
+`tensorboard/`, and what `runs.write` writes at the end: `model.keras`, `backbone.weights.h5` and
+`head.weights.npz` (`delf.weights.h5` for DELF), a copy of `label_map.csv`, and `run.json` (last)
+describing the model, its weights and their checksums, and its metrics. One `tfl-train` at a time
+writes a workdir (a lock), and a start that fails before its first checkpoint removes the workdir it
+created.
 """
 
 import dataclasses
@@ -31,6 +33,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from typing import Callable, Dict, Optional
 
 import keras
@@ -371,6 +374,14 @@ def _check_config(config: TrainConfig, input_config: data.InputConfig, weights: 
       if init_run.metadata[key] != mine:
         raise TrainError(f'--init_from={config.init_from} has {key} {init_run.metadata[key]!r}, this run '
                          f'{mine!r}')
+    # A head (or a whole attention-stage DELF model) carries its classes over: class i must be
+    # the same landmark, not merely the class count the same.
+    carries_classes = config.mode != Mode.DELF or (
+        (init_run.metadata.get('delf') or {}).get('stage') == 'attention')
+    if carries_classes and init_run.landmark_ids() != records.landmark_ids:
+      raise TrainError(f'--init_from={config.init_from} was trained on another label map than '
+                       f'--records_dir={records.path} (the same {records.num_classes} classes, '
+                       'other landmark ids): its classes would name the wrong landmarks')
   if config.mode == Mode.BOTTLENECK and input_config.mixup_alpha > 0:
     raise TrainError('--mixup_alpha needs images; the bottleneck stage trains on cached features')
 
@@ -391,19 +402,22 @@ def _head_options(config: TrainConfig) -> dict:
 
 
 def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
-  """Creates, checks or clears --workdir as --resume and --overwrite say.
+  """Checks or clears --workdir (a folder this process holds the lock of) as --resume and
+  --overwrite say, and marks the run started.
 
   Returns:
     True when --resume finds the run finished with the same settings: there is nothing to do.
   """
   workdir = config.workdir
-  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
-    raise TrainError(f'--workdir={workdir} is a file, not a folder')
-  finished = tf.io.gfile.exists(files.join(workdir, runs.RUN_JSON))
-  started = tf.io.gfile.exists(files.join(workdir, runs.CONFIG_JSON))
+  finished = runs.is_finished(workdir)
+  started = runs.is_started(workdir)
   if (finished or started) and config.overwrite:
-    tf.io.gfile.rmtree(workdir)
+    _clear(workdir)
     finished = started = False
+  failure = runs.failure_of(workdir) if finished else None
+  if failure is not None:
+    raise TrainError(f'{workdir} holds a failed run ({failure}); use another --workdir or '
+                     '--overwrite to start again')
   if finished and not config.resume:
     raise TrainError(f'{workdir} holds a finished run; use another --workdir or --overwrite')
   if started and not config.resume:
@@ -417,9 +431,21 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
       raise TrainError(f'{workdir} holds a run with other settings ({", ".join(changed)}); '
                        'use --overwrite to start again')
     return finished
-  tf.io.gfile.makedirs(workdir)
   files.write_atomically(files.join(workdir, runs.CONFIG_JSON), json.dumps(fingerprint, indent=1))
   return False
+
+
+def _clear(workdir: str) -> None:
+  """Removes the workdir's contents but its lock file, which this process holds (removing it would
+  let another tfl-train lock a new one)."""
+  for name in tf.io.gfile.listdir(workdir):
+    path = files.join(workdir, name.rstrip('/'))
+    if name.rstrip('/') == files.LOCK_FILE:
+      continue
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
 
 
 def _pad_to(batch_size: int):
@@ -539,13 +565,17 @@ def _input_functions(config: TrainConfig, input_config: data.InputConfig,
 def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   """Trains as `config.mode` says and writes the run folder; see the module docstring.
 
+  The chief holds the workdir's lock (`files.exclusive_writer`) from its first check to run.json;
+  the other workers of a multi-worker run write only their own scratch folders.
+
   Returns:
     The run description (also written to `<workdir>/run.json`). With `config.resume` and a run
     already finished in the workdir (same settings), nothing is trained or written: its run.json,
     with `ALREADY_FINISHED` set.
 
   Raises:
-    TrainError, records.RecordsError: unusable settings, inputs or workdir (message for the user).
+    TrainError, records.RecordsError, runs.RunError: unusable settings, inputs or workdir (message
+      for the user).
   """
   config = dataclasses.replace(config, mode=Mode(config.mode))
   strategy = distribute.make_strategy(config.strategy, config.tpu)  # First: it may set up the runtime.
@@ -555,13 +585,39 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   _check_config(config, input_config, weights, init_run, records)
   fingerprint = {**settings.fingerprint(config), **settings.fingerprint(input_config),
                  'records_created': records.manifest.get('created')}
-  chief = _is_chief(strategy)
-  if chief:  # The others write to scratch folders and only read the chief's checkpoints.
-    finished = _prepare_workdir(config, fingerprint)
-  else:  # They stop too, rather than wait in training steps for a chief that has returned.
-    finished = config.resume and tf.io.gfile.exists(files.join(config.workdir, runs.RUN_JSON))
-  if finished:
-    return {**runs.load(config.workdir, 'workdir').metadata, ALREADY_FINISHED: True}
+  workdir = config.workdir
+  if not _is_chief(strategy):
+    # The others only read the chief's checkpoints. They stop too when the run is finished, rather
+    # than wait in training steps for a chief that has returned.
+    if config.resume and runs.is_finished(workdir):
+      return {**runs.load(workdir, 'workdir').metadata, ALREADY_FINISHED: True}
+    return _train(config, input_config, strategy, records, init_run, weights, chief=False)
+  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+    raise TrainError(f'--workdir={workdir} is a file, not a folder')
+  created = not tf.io.gfile.exists(workdir)
+  tf.io.gfile.makedirs(workdir)
+  with files.exclusive_writer(workdir, 'tfl-train', TrainError):
+    try:
+      if _prepare_workdir(config, fingerprint):
+        return {**runs.load(workdir, 'workdir').metadata, ALREADY_FINISHED: True}
+      return _train(config, input_config, strategy, records, init_run, weights, chief=True)
+    except BaseException:
+      # A start that failed before a checkpoint or a run.json leaves nothing worth resuming: a
+      # folder it created would only look like a started run. A folder that was there is kept.
+      if created and not _has_results(workdir):
+        tf.io.gfile.rmtree(workdir)
+      raise
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether the workdir holds something worth keeping: a checkpoint or a run.json."""
+  return runs.is_finished(workdir) or bool(
+      tf.train.latest_checkpoint(files.join(workdir, 'checkpoints')))
+
+
+def _train(config: TrainConfig, input_config: data.InputConfig, strategy, records, init_run,
+           weights: str, chief: bool) -> dict:
+  """Builds, trains and writes the run, in a prepared workdir (the chief's) or scratch folder."""
   write_dir = _write_dir(config.workdir, strategy)
   loss_scaling = distribute.set_precision(config.mixed_precision)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
@@ -711,9 +767,18 @@ def _local_copy(path: str) -> str:
 
 
 def _load_head_weights(head, path: str) -> None:
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    stored = np.load(io.BytesIO(f.read()))
-    arrays = [stored[f'arr_{i}'] for i in range(len(stored.files))]
+  """Sets the head's weights from a run's head.weights.npz.
+
+  Raises:
+    TrainError: the file is damaged (a v1 run's files are not checked on load) or does not fit.
+  """
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      stored = np.load(io.BytesIO(f.read()))
+      arrays = [stored[f'arr_{i}'] for i in range(len(stored.files))]
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise TrainError(f'{path} is damaged ({reason}); train that run again') from None
   expected = [tuple(w.shape) for w in head.get_weights()]
   if [tuple(a.shape) for a in arrays] != expected:
     raise TrainError(f'{path} does not fit this head (shapes {[a.shape for a in arrays]}, '
@@ -744,14 +809,12 @@ def _weights_digest(model: keras.Model) -> str:
   return digest.hexdigest()
 
 
-def _finish(config: TrainConfig, input_config: data.InputConfig, records: records_lib.Records,
-            model: keras.Model, head, built, weights: str, history: list,
-            chief: bool) -> dict:
-  """Writes model.keras, the weights, the label map copy and run.json (last) to the workdir."""
-  workdir = config.workdir
-  run = {
-      'format': runs.FORMAT,
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+def _run_metadata(config: TrainConfig, input_config: data.InputConfig,
+                  records: records_lib.Records, model: keras.Model, head, built, weights: str,
+                  history: list) -> dict:
+  """What run.json records besides what `runs.write` (or `runs.write_failed`) adds: what was
+  trained on what, from which weights, its scores and every setting."""
+  return {
       'mode': config.mode.value, 'backbone': config.backbone, 'image_size': input_config.image_size,
       'preprocessing': backbones.get(config.backbone).preprocessing,
       'head': None if head is None else config.head,
@@ -769,17 +832,16 @@ def _finish(config: TrainConfig, input_config: data.InputConfig, records: record
                   key=lambda e: e['validation']['top1'], default=None),
       'settings': {**settings.as_dict(config), **settings.as_dict(input_config)},
   }
+
+
+def _finish(config: TrainConfig, input_config: data.InputConfig, records: records_lib.Records,
+            model: keras.Model, head, built, weights: str, history: list,
+            chief: bool) -> dict:
+  """Writes the finished run through `runs.write` (the chief only); returns its description."""
+  run = _run_metadata(config, input_config, records, model, head, built, weights, history)
   if not chief:
     return run
-  with tempfile.TemporaryDirectory() as local:
-    # Keras writes .keras and .h5 files locally; copy them so that gs:// workdirs work too.
-    parts = [(runs.MODEL_FILE, model.save), (runs.BACKBONE_WEIGHTS, built.model.save_weights)]
-    parts.append((runs.DELF_WEIGHTS, model.save_weights) if head is None else
-                 (runs.HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights())))
-    for name, save in parts:
-      save(os.path.join(local, name))
-      tf.io.gfile.copy(os.path.join(local, name), files.join(workdir, name), overwrite=True)
-  tf.io.gfile.copy(files.join(records.path, records_lib.LABEL_MAP),
-                   files.join(workdir, records_lib.LABEL_MAP), overwrite=True)
-  files.write_atomically(files.join(workdir, runs.RUN_JSON), json.dumps(run, indent=1, default=str))
-  return run
+  parts = [(runs.MODEL_FILE, model.save), (runs.BACKBONE_WEIGHTS, built.model.save_weights)]
+  parts.append((runs.DELF_WEIGHTS, model.save_weights) if head is None else
+               (runs.HEAD_WEIGHTS, lambda path: np.savez(path, *head.get_weights())))
+  return runs.write(config.workdir, run, parts, records.path)
