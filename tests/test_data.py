@@ -248,3 +248,19 @@ def test_mirrored_strategy_two_replicas_each_get_their_share(shards):
                           timeout=180, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'SHAPES [(4, 32, 32, 3), (4, 32, 32, 3)] 2' in result.stdout
+
+
+@pytest.mark.parametrize('height, width', [(1, 1), (7, 300), (224, 224), (255, 256), (256, 255),
+                                           (481, 640), (640, 481), (1000, 3)])
+def test_eval_crop_is_resize_with_crop_or_pad_of_the_short_side_resize(height, width):
+  # The slice replaced tf.image.resize_with_crop_or_pad for speed: it must give the same bytes.
+  rng = np.random.default_rng(height * 7919 + width)
+  image = tf.constant(rng.integers(0, 256, (height, width, 3)), tf.uint8)
+  resized = data._resize_short_side(image, 224 / 0.875)  # pylint: disable=protected-access
+  expected = tf.cast(tf.image.resize_with_crop_or_pad(resized, 224, 224) + 0.5, tf.uint8)
+  crop = data.eval_crop(image, 224)
+  assert crop.shape == (224, 224, 3)
+  np.testing.assert_array_equal(crop.numpy(), expected.numpy())
+  batch = data.eval_crop(tf.stack([image, image]), 224)
+  assert batch.shape == (2, 224, 224, 3)
+  np.testing.assert_array_equal(batch[1].numpy(), expected.numpy())
