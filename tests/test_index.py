@@ -11,7 +11,8 @@ import pytest
 from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import train
-from tf_landmarks.local_features import index
+from tf_landmarks import index_builder
+from tf_landmarks import indexes
 from helpers import REPO, read_split, synthetic_records
 
 BACKENDS = ('sift', 'delf')
@@ -43,7 +44,7 @@ def _config(world, backend, output_dir, **overrides):
     # Three scales instead of seven keep the test quick; 16 of the tiny backbone's 64 channels.
     settings.update(delf_run=world['delf'], delf_scales='0.5,1,2', pca_dim=16, pca_whiten=True)
   settings.update(overrides)
-  return index.IndexConfig(**settings)
+  return index_builder.IndexConfig(**settings)
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +53,7 @@ def built(world):
   folders = {}
   for backend in BACKENDS:
     folders[backend] = str(world['root'] / f'index_{backend}')
-    index.build_index(_config(world, backend, folders[backend]))
+    index_builder.build_index(_config(world, backend, folders[backend]))
   return folders
 
 
@@ -64,7 +65,7 @@ def train_images(world):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_every_train_image_is_indexed_once_with_its_landmark(built, train_images, backend):
-  opened = index.Index(built[backend])
+  opened = indexes.load(built[backend])
   rows = range(opened.num_images)
   indexed = [opened.image_id(row) for row in rows]
   assert sorted(indexed) == sorted(train_images)  # Every train image, once.
@@ -80,7 +81,7 @@ def test_every_train_image_is_indexed_once_with_its_landmark(built, train_images
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_local_features_read_back_equal_a_fresh_extraction(built, train_images, backend):
-  opened = index.Index(built[backend])
+  opened = indexes.load(built[backend])
   extract = opened.local_extractor()
   for row in (0, opened.num_images // 2, opened.num_images - 1):
     stored = train_images[opened.image_id(row)]['pixels']
@@ -102,7 +103,7 @@ def test_local_features_read_back_equal_a_fresh_extraction(built, train_images, 
 
 
 def test_images_of_returns_the_landmarks_images(built, train_images):
-  opened = index.Index(built['sift'])
+  opened = indexes.load(built['sift'])
   landmarks = {int(example['landmark_id']) for example in train_images.values()}
   assert set(opened.landmark_ids.tolist()) == landmarks
   for landmark in landmarks:
@@ -116,7 +117,7 @@ def test_images_of_returns_the_landmarks_images(built, train_images):
 
 def test_global_descriptors_are_the_classifiers_of_the_evaluation_crop(world, built):
   import keras  # pylint: disable=g-import-not-at-top
-  opened = index.Index(built['sift'])
+  opened = indexes.load(built['sift'])
   model = keras.saving.load_model(os.path.join(world['classifier'], 'model.keras'))
   fresh = {}
   for images, _, ids in data.make_dataset(world['records'], 'train', training=False,
@@ -133,9 +134,9 @@ def test_global_search_of_an_index_image_returns_itself_first(world, built, tmp_
   folder = built['sift']
   if search == 'ivf':  # Over the validation images too.
     folder = str(tmp_path / 'ivf')
-    index.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
+    index_builder.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
                               split='train+validation'))
-  opened = index.Index(folder)
+  opened = indexes.load(folder)
   assert opened.metadata['global']['search']['kind'] == search
   splits = ['train', 'validation'] if search == 'ivf' else ['train']
   assert opened.metadata['splits'] == splits
@@ -159,18 +160,18 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   shutil.copytree(built['sift'], folder)
   shards = folder / 'shards'
   last = sorted(shards.glob('train-00002.*'))
-  assert len(last) == 3
+  assert len(last) == 4
   for path in last + [folder / 'index.json']:
     path.unlink()
   (shards / 'train-00002.descriptors.npy.part').write_bytes(b'half a shard')
   kept = {path: path.stat().st_mtime_ns for path in shards.iterdir() if 'train-00002' not in
           path.name}
-  with pytest.raises(index.LandmarkIndexError, match='unfinished index'):
-    index.Index(str(folder))  # A half-written index is never taken for a finished one.
-  with pytest.raises(index.LandmarkIndexError, match='pass --resume'):
-    index.build_index(_config(world, 'sift', folder))
-  with pytest.raises(index.LandmarkIndexError, match=r'other runs or settings \(max_features\)'):
-    index.build_index(_config(world, 'sift', folder, max_features=50, resume=True))
+  with pytest.raises(indexes.LandmarkIndexError, match='unfinished index'):
+    indexes.load(str(folder))  # A half-written index is never taken for a finished one.
+  with pytest.raises(indexes.LandmarkIndexError, match='pass --resume'):
+    index_builder.build_index(_config(world, 'sift', folder))
+  with pytest.raises(indexes.LandmarkIndexError, match=r'other runs or settings \(max_features\)'):
+    index_builder.build_index(_config(world, 'sift', folder, max_features=50, resume=True))
 
   result = _cli(f'--run={world["classifier"]}', '--local_features=sift', f'--output_dir={folder}',
                 '--resume')
@@ -179,7 +180,7 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   assert {path: path.stat().st_mtime_ns for path in kept} == kept  # Finished shards untouched.
   assert sorted(path.name for path in shards.glob('train-00002.*')) == [p.name for p in last]
   assert not list(shards.glob('*.part*'))
-  original, resumed = index.Index(built['sift']), index.Index(str(folder))
+  original, resumed = indexes.load(built['sift']), indexes.load(str(folder))
   for name in ('images.npy', 'global.npy'):
     np.testing.assert_array_equal(np.load(folder / name), np.load(os.path.join(built['sift'],
                                                                                name)))
@@ -187,8 +188,8 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   row = resumed.num_images - 1
   np.testing.assert_array_equal(resumed.local_features(row).descriptors,
                                 original.local_features(row).descriptors)
-  with pytest.raises(index.LandmarkIndexError, match='holds a finished index'):
-    index.build_index(_config(world, 'sift', folder))
+  with pytest.raises(indexes.LandmarkIndexError, match='holds a finished index'):
+    index_builder.build_index(_config(world, 'sift', folder))
 
 
 def test_resume_of_a_finished_index_does_nothing_and_says_so(world, built, tmp_path):
@@ -252,10 +253,10 @@ def test_unusable_runs_and_settings_are_named(world, tmp_path):
                     output_dir=str(tmp_path / 'index'), progress=False)
     settings.update(overrides)
     with pytest.raises(errors.UserError, match=message):
-      index.build_index(index.IndexConfig(**settings))
+      index_builder.build_index(index_builder.IndexConfig(**settings))
   assert not (tmp_path / 'index').exists()  # Each was refused before anything was written.
-  with pytest.raises(index.LandmarkIndexError, match='is not an index'):
-    index.Index(str(tmp_path))
+  with pytest.raises(indexes.LandmarkIndexError, match='is not an index'):
+    indexes.load(str(tmp_path))
 
 
 def test_help_lists_the_commands_flags():
