@@ -1,5 +1,6 @@
 """The retrieval and verification index, built for real from tiny runs on a synthetic world."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,10 +11,13 @@ import pytest
 
 from tf_landmarks import data
 from tf_landmarks import errors
-from tf_landmarks import train
+from tf_landmarks import files
 from tf_landmarks import index_builder
 from tf_landmarks import indexes
-from helpers import REPO, read_split, synthetic_records
+from tf_landmarks import ingest
+from tf_landmarks import schema
+from tf_landmarks import train
+from helpers import REPO, config_for, read_split, synthetic_records, write_dataset
 
 BACKENDS = ('sift', 'delf')
 
@@ -270,3 +274,123 @@ def test_help_lists_the_commands_flags():
   for flag in ('--run', '--local_features', '--delf_run', '--output_dir', '--pca_dim',
                '--resume', '--overwrite'):
     assert f'  {flag}:' in result.stdout or f'  --[no]{flag[2:]}:' in result.stdout, flag
+
+
+def _damaged_copy(built, tmp_path, name='damaged'):
+  copy = tmp_path / name
+  shutil.copytree(built['sift'], copy)
+  indexes.load(str(copy))  # Verified once: later loads hash only files changed since.
+  return copy
+
+
+def _nan_filled(path):
+  """Overwrites an .npy file's values with NaN, its size and header unchanged."""
+  array = np.load(path)
+  np.save(path, np.full_like(array, np.nan))
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped byte', 'NaN-filled'])
+def test_a_damaged_file_is_refused_in_one_line_naming_it(built, tmp_path, damage):
+  copy = _damaged_copy(built, tmp_path)
+  shard = copy / 'shards' / 'train-00001.descriptors.npy'
+  content = shard.read_bytes()
+  if damage == 'truncated':
+    shard.write_bytes(content[:len(content) // 2])
+  elif damage == 'flipped byte':
+    shard.write_bytes(content[:-7] + bytes([content[-7] ^ 1]) + content[-6:])
+  else:
+    _nan_filled(shard)
+  with pytest.raises(indexes.LandmarkIndexError) as raised:
+    indexes.load(str(copy))
+  message = str(raised.value)
+  assert str(shard) in message and '\n' not in message, message
+  assert message.endswith('rebuild it with tfl-build-index --overwrite')
+
+
+def test_verify_hashes_files_whose_size_and_time_look_unchanged(built, tmp_path):
+  copy = _damaged_copy(built, tmp_path)
+  table = copy / 'global.npy'
+  stat = table.stat()
+  content = table.read_bytes()
+  table.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+  os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  indexes.load(str(copy))  # Sizes only: the stamp says the folder was verified as it looks.
+  with pytest.raises(indexes.LandmarkIndexError, match=f'{table} is not the file the index'):
+    indexes.load(str(copy), verify=True)
+
+
+def test_an_index_of_the_previous_format_is_read_unverified(built, tmp_path):
+  copy = tmp_path / 'v1'
+  shutil.copytree(built['sift'], copy)
+  description = json.loads((copy / 'index.json').read_text())
+  description['format'] = indexes.PREVIOUS_FORMAT
+  del description['checksums']
+  (copy / 'index.json').write_text(json.dumps(description))
+  (copy / 'record_offsets.npy').unlink()
+  original, previous = indexes.load(built['sift']), indexes.load(str(copy), verify=True)
+  assert original.has_checksums and not previous.has_checksums
+  assert previous.counts == original.counts and previous.local == original.local
+  np.testing.assert_array_equal(previous.local_features(3).descriptors,
+                                original.local_features(3).descriptors)
+  with pytest.raises(indexes.LandmarkIndexError, match='previous format'):
+    previous.stored_image(previous.image_id(0))
+  _nan_filled(copy / 'global.npy')
+  indexes.load(str(copy))  # Unverified: nothing recorded to compare with.
+  with pytest.raises(indexes.LandmarkIndexError,
+                     match=f'{copy / "global.npy"} holds NaN or infinite values'):
+    indexes.load(str(copy), verify=True)
+
+
+def test_stored_image_reads_the_records_image_by_id(built, train_images):
+  opened = indexes.load(built['sift'])
+  for row in range(opened.num_images):
+    image_id = opened.image_id(row)
+    assert opened.stored_image(image_id) == train_images[image_id][schema.ENCODED]
+  with pytest.raises(KeyError, match='not-an-image is not in the index'):
+    opened.stored_image('not-an-image')
+
+
+def test_an_image_stored_in_train_and_validation_is_indexed_once(world, tmp_path):
+  # Six landmarks, as the run was trained on; landmark 105 has one image, which
+  # --singletons=duplicate stores in train and, distorted, in validation under the same id.
+  rows = [(f'img{i:02d}', 100 + i % 5) for i in range(20)] + [('single', 105)]
+  write_dataset(tmp_path, rows)
+  ingest.build_records(config_for(tmp_path, singletons='duplicate', validation_fraction=0.2))
+  train_ids = set(read_split(tmp_path / 'records', 'train'))
+  validation_ids = set(read_split(tmp_path / 'records', 'validation'))
+  assert 'single' in train_ids & validation_ids
+  run = tmp_path / 'run'  # The classifier, as if trained on these records.
+  shutil.copytree(world['classifier'], run)
+  metadata = json.loads((run / 'run.json').read_text())
+  (run / 'run.json').write_text(json.dumps({**metadata, 'records_dir': str(tmp_path / 'records')}))
+  folder = tmp_path / 'index'
+  index_builder.build_index(index_builder.IndexConfig(
+      run=str(run), local_features='sift', split='train+validation', max_features=20,
+      output_dir=str(folder), progress=False))
+  opened = indexes.load(str(folder))
+  indexed = [opened.image_id(row) for row in range(opened.num_images)]
+  assert sorted(indexed) == sorted(train_ids | validation_ids)  # Each image once.
+  assert opened.counts.images == len(indexed)
+  row = indexed.index('single')
+  assert opened.landmark_of(row) == 105 and list(opened.images_of(105)) == [row]
+  # The first occurrence, train's: its features are those of the undistorted image.
+  shard = opened.metadata['shards'][int(np.load(folder / 'images.npy')['shard'][row])]
+  assert shard['name'].startswith('train-')
+  train_image = read_split(tmp_path / 'records', 'train')['single']
+  assert opened.stored_image('single') == train_image[schema.ENCODED]
+  assert opened.counts.features == sum(len(opened.local_features(r)) for r in range(len(indexed)))
+
+
+def test_a_folder_another_build_is_writing_is_refused(world, built, tmp_path):
+  folder = tmp_path / 'locked'
+  folder.mkdir()
+  with files.exclusive_writer(str(folder), 'tfl-build-index', RuntimeError):
+    with pytest.raises(indexes.LandmarkIndexError,
+                       match=f'another tfl-build-index is writing to {folder}'):
+      index_builder.build_index(_config(world, 'sift', folder, max_features=20))
+  assert os.listdir(folder) == ['.lock']  # Nothing written.
+  # Released: --overwrite of a finished index keeps the lock file and rebuilds.
+  shutil.rmtree(folder)
+  shutil.copytree(built['sift'], folder)
+  index_builder.build_index(_config(world, 'sift', folder, max_features=20, overwrite=True))
+  assert indexes.load(str(folder)).local.max_features == 20

@@ -5,6 +5,8 @@ A finished build (`tfl-build-records`; layout in records/README.md) holds
 TFDS metadata and `manifest.json`, written last. Writers (the local builder, later the Beam one) and
 readers (the input pipeline, training, prediction) go through this module; readers call `load` and
 get a `Records` with everything they need, checked, instead of globbing and parsing files themselves.
+One stored image is read alone at its record's byte offset (`read_stored_image`, `read_record`),
+which a reader of the whole shard noted (the index keeps them), never by scanning shards.
 It imports no image or download code, so readers stay light.
 """
 
