@@ -1,4 +1,4 @@
-"""The index folder (`tfl-build-index`): its file names, its format, checksums, and a typed, checked load.
+"""The index folder (`tfl-build-index`): file names, format, checksums, and a typed, checked load.
 
 An index holds, per image of a classifier run's records (the train split, optionally validation
 too), the classifier's global descriptor (for retrieval: which index images look like the query)

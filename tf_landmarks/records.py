@@ -316,7 +316,7 @@ def read_record(path: str, offset: int) -> bytes:
 
 
 def read_stored_image(path: str, offset: int, image_id: str) -> bytes:
-  """The encoded image (JPEG) of example `image_id`, whose record starts at byte `offset` of a shard.
+  """The encoded image (JPEG) of example `image_id`, its record at byte `offset` of a shard.
 
   Raises:
     RecordsError: as `read_record`, or the record is not an Example of that image.
