@@ -1,5 +1,6 @@
 """The retrieval and verification index, built for real from tiny runs on a synthetic world."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -394,3 +395,23 @@ def test_a_folder_another_build_is_writing_is_refused(world, built, tmp_path):
   shutil.copytree(built['sift'], folder)
   index_builder.build_index(_config(world, 'sift', folder, max_features=20, overwrite=True))
   assert indexes.load(str(folder)).local.max_features == 20
+
+
+def test_non_finite_features_are_refused_before_checksums_vouch_for_them(world, tmp_path,
+                                                                        monkeypatch):
+  sift = index_builder.extractor_lib.make_local_extractor('sift', max_features=20)
+
+  def diverged(*args, **kwargs):
+    del args, kwargs
+    def extract(image):
+      features = sift(image)
+      return dataclasses.replace(features, descriptors=np.full_like(features.descriptors, np.nan))
+    return extract
+
+  monkeypatch.setattr(index_builder.extractor_lib, 'make_local_extractor', diverged)
+  folder = tmp_path / 'nan'
+  with pytest.raises(indexes.LandmarkIndexError,
+                     match=r'the sift features of images of .*train-00000-of-00003 hold NaN'):
+    index_builder.build_index(_config(world, 'sift', folder, max_features=20))
+  assert not (folder / 'index.json').exists()
+  assert not list((folder / 'shards').iterdir())
