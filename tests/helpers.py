@@ -171,7 +171,7 @@ def trained_world(root, backend: str = 'sift', num_landmarks: int = 5,
   """
   from tf_landmarks import data  # pylint: disable=g-import-not-at-top
   from tf_landmarks import train  # pylint: disable=g-import-not-at-top
-  from tf_landmarks.local_features import index  # pylint: disable=g-import-not-at-top
+  from tf_landmarks import index_builder  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   world = root / 'world'
   synthetic_records(root, num_landmarks, num_train_images, num_test_images,
@@ -192,6 +192,6 @@ def trained_world(root, backend: str = 'sift', num_landmarks: int = 5,
                         split='train+validation', progress=False)
   if delf:
     index_settings.update(delf_run=delf, delf_scales='0.5,1,2', pca_dim=16)
-  index.build_index(index.IndexConfig(**index_settings))
+  index_builder.build_index(index_builder.IndexConfig(**index_settings))
   return {'world': str(world), 'records': str(root / 'records'), 'classifier': classifier,
           'delf': delf, 'index': str(root / 'index')}

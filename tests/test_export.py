@@ -14,10 +14,10 @@ from PIL import Image
 
 from tf_landmarks import data
 from tf_landmarks import export
+from tf_landmarks import indexes
 from tf_landmarks import runs
 from tf_landmarks import records
 from tf_landmarks.local_features import delf as delf_features
-from tf_landmarks.local_features import index as index_lib
 from tf_landmarks.models import classifier  # pylint: disable=unused-import
 from tf_landmarks.models import heads  # pylint: disable=unused-import
 from helpers import REPO, trained_world
@@ -186,7 +186,7 @@ def test_saved_model_cli_shows_and_runs_both_saved_models(exported, tmp_path):
 
 
 def test_exported_delf_extracts_what_the_index_was_built_with(exported):
-  opened = index_lib.Index(os.path.join(exported['export'], 'index'))
+  opened = indexes.load(os.path.join(exported['export'], 'index'))
   delf = exported['description']['delf']
   from_export = delf_features.load_saved_model(
       os.path.join(exported['export'], 'delf', '1'), scales=delf['scales'],

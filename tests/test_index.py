@@ -1,5 +1,7 @@
 """The retrieval and verification index, built for real from tiny runs on a synthetic world."""
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -11,9 +13,13 @@ import pytest
 
 from tf_landmarks import data
 from tf_landmarks import errors
+from tf_landmarks import files
+from tf_landmarks import index_builder
+from tf_landmarks import indexes
+from tf_landmarks import ingest
+from tf_landmarks import schema
 from tf_landmarks import train
-from tf_landmarks.local_features import index
-from helpers import REPO, read_split, synthetic_records
+from helpers import REPO, config_for, read_split, synthetic_records, write_dataset
 
 BACKENDS = ('sift', 'delf')
 
@@ -44,7 +50,7 @@ def _config(world, backend, output_dir, **overrides):
     # Three scales instead of seven keep the test quick; 16 of the tiny backbone's 64 channels.
     settings.update(delf_run=world['delf'], delf_scales='0.5,1,2', pca_dim=16, pca_whiten=True)
   settings.update(overrides)
-  return index.IndexConfig(**settings)
+  return index_builder.IndexConfig(**settings)
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +59,7 @@ def built(world):
   folders = {}
   for backend in BACKENDS:
     folders[backend] = str(world['root'] / f'index_{backend}')
-    index.build_index(_config(world, backend, folders[backend]))
+    index_builder.build_index(_config(world, backend, folders[backend]))
   return folders
 
 
@@ -65,7 +71,7 @@ def train_images(world):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_every_train_image_is_indexed_once_with_its_landmark(built, train_images, backend):
-  opened = index.Index(built[backend])
+  opened = indexes.load(built[backend])
   rows = range(opened.num_images)
   indexed = [opened.image_id(row) for row in rows]
   assert sorted(indexed) == sorted(train_images)  # Every train image, once.
@@ -81,7 +87,7 @@ def test_every_train_image_is_indexed_once_with_its_landmark(built, train_images
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_local_features_read_back_equal_a_fresh_extraction(built, train_images, backend):
-  opened = index.Index(built[backend])
+  opened = indexes.load(built[backend])
   extract = opened.local_extractor()
   for row in (0, opened.num_images // 2, opened.num_images - 1):
     stored = train_images[opened.image_id(row)]['pixels']
@@ -103,7 +109,7 @@ def test_local_features_read_back_equal_a_fresh_extraction(built, train_images, 
 
 
 def test_images_of_returns_the_landmarks_images(built, train_images):
-  opened = index.Index(built['sift'])
+  opened = indexes.load(built['sift'])
   landmarks = {int(example['landmark_id']) for example in train_images.values()}
   assert set(opened.landmark_ids.tolist()) == landmarks
   for landmark in landmarks:
@@ -117,7 +123,7 @@ def test_images_of_returns_the_landmarks_images(built, train_images):
 
 def test_global_descriptors_are_the_classifiers_of_the_evaluation_crop(world, built):
   import keras  # pylint: disable=g-import-not-at-top
-  opened = index.Index(built['sift'])
+  opened = indexes.load(built['sift'])
   model = keras.saving.load_model(os.path.join(world['classifier'], 'model.keras'))
   fresh = {}
   for images, _, ids in data.make_dataset(world['records'], 'train', training=False,
@@ -134,9 +140,9 @@ def test_global_search_of_an_index_image_returns_itself_first(world, built, tmp_
   folder = built['sift']
   if search == 'ivf':  # Over the validation images too.
     folder = str(tmp_path / 'ivf')
-    index.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
+    index_builder.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
                               split='train+validation'))
-  opened = index.Index(folder)
+  opened = indexes.load(folder)
   assert opened.metadata['global']['search']['kind'] == search
   splits = ['train', 'validation'] if search == 'ivf' else ['train']
   assert opened.metadata['splits'] == splits
@@ -160,18 +166,18 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   shutil.copytree(built['sift'], folder)
   shards = folder / 'shards'
   last = sorted(shards.glob('train-00002.*'))
-  assert len(last) == 3
+  assert len(last) == 4
   for path in last + [folder / 'index.json']:
     path.unlink()
   (shards / 'train-00002.descriptors.npy.part').write_bytes(b'half a shard')
   kept = {path: path.stat().st_mtime_ns for path in shards.iterdir() if 'train-00002' not in
           path.name}
-  with pytest.raises(index.LandmarkIndexError, match='unfinished index'):
-    index.Index(str(folder))  # A half-written index is never taken for a finished one.
-  with pytest.raises(index.LandmarkIndexError, match='pass --resume'):
-    index.build_index(_config(world, 'sift', folder))
-  with pytest.raises(index.LandmarkIndexError, match=r'other runs or settings \(max_features\)'):
-    index.build_index(_config(world, 'sift', folder, max_features=50, resume=True))
+  with pytest.raises(indexes.LandmarkIndexError, match='unfinished index'):
+    indexes.load(str(folder))  # A half-written index is never taken for a finished one.
+  with pytest.raises(indexes.LandmarkIndexError, match='pass --resume'):
+    index_builder.build_index(_config(world, 'sift', folder))
+  with pytest.raises(indexes.LandmarkIndexError, match=r'other runs or settings \(max_features\)'):
+    index_builder.build_index(_config(world, 'sift', folder, max_features=50, resume=True))
 
   result = _cli(f'--run={world["classifier"]}', '--local_features=sift', f'--output_dir={folder}',
                 '--resume')
@@ -180,7 +186,7 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   assert {path: path.stat().st_mtime_ns for path in kept} == kept  # Finished shards untouched.
   assert sorted(path.name for path in shards.glob('train-00002.*')) == [p.name for p in last]
   assert not list(shards.glob('*.part*'))
-  original, resumed = index.Index(built['sift']), index.Index(str(folder))
+  original, resumed = indexes.load(built['sift']), indexes.load(str(folder))
   for name in ('images.npy', 'global.npy'):
     np.testing.assert_array_equal(np.load(folder / name), np.load(os.path.join(built['sift'],
                                                                                name)))
@@ -188,8 +194,8 @@ def test_resume_after_an_interruption_redoes_only_the_missing_shard(world, built
   row = resumed.num_images - 1
   np.testing.assert_array_equal(resumed.local_features(row).descriptors,
                                 original.local_features(row).descriptors)
-  with pytest.raises(index.LandmarkIndexError, match='holds a finished index'):
-    index.build_index(_config(world, 'sift', folder))
+  with pytest.raises(indexes.LandmarkIndexError, match='holds a finished index'):
+    index_builder.build_index(_config(world, 'sift', folder))
 
 
 def test_resume_of_a_finished_index_does_nothing_and_says_so(world, built, tmp_path):
@@ -253,10 +259,10 @@ def test_unusable_runs_and_settings_are_named(world, tmp_path):
                     output_dir=str(tmp_path / 'index'), progress=False)
     settings.update(overrides)
     with pytest.raises(errors.UserError, match=message):
-      index.build_index(index.IndexConfig(**settings))
+      index_builder.build_index(index_builder.IndexConfig(**settings))
   assert not (tmp_path / 'index').exists()  # Each was refused before anything was written.
-  with pytest.raises(index.LandmarkIndexError, match='is not an index'):
-    index.Index(str(tmp_path))
+  with pytest.raises(indexes.LandmarkIndexError, match='is not an index'):
+    indexes.load(str(tmp_path))
 
 
 def test_help_lists_the_commands_flags():
@@ -270,3 +276,143 @@ def test_help_lists_the_commands_flags():
   for flag in ('--run', '--local_features', '--delf_run', '--output_dir', '--pca_dim',
                '--resume', '--overwrite'):
     assert f'  {flag}:' in result.stdout or f'  --[no]{flag[2:]}:' in result.stdout, flag
+
+
+def _damaged_copy(built, tmp_path, name='damaged'):
+  copy = tmp_path / name
+  shutil.copytree(built['sift'], copy)
+  indexes.load(str(copy))  # Verified once: later loads hash only files changed since.
+  return copy
+
+
+def _nan_filled(path):
+  """Overwrites an .npy file's values with NaN, its size and header unchanged."""
+  array = np.load(path)
+  np.save(path, np.full_like(array, np.nan))
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped byte', 'NaN-filled'])
+def test_a_damaged_file_is_refused_in_one_line_naming_it(built, tmp_path, damage):
+  copy = _damaged_copy(built, tmp_path)
+  shard = copy / 'shards' / 'train-00001.descriptors.npy'
+  content = shard.read_bytes()
+  if damage == 'truncated':
+    shard.write_bytes(content[:len(content) // 2])
+  elif damage == 'flipped byte':
+    shard.write_bytes(content[:-7] + bytes([content[-7] ^ 1]) + content[-6:])
+  else:
+    _nan_filled(shard)
+  with pytest.raises(indexes.LandmarkIndexError) as raised:
+    indexes.load(str(copy))
+  message = str(raised.value)
+  assert str(shard) in message and '\n' not in message, message
+  assert message.endswith('rebuild it with tfl-build-index --overwrite')
+
+
+def test_verify_hashes_files_whose_size_and_time_look_unchanged(built, tmp_path):
+  copy = _damaged_copy(built, tmp_path)
+  table = copy / 'global.npy'
+  stat = table.stat()
+  content = table.read_bytes()
+  table.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+  os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  indexes.load(str(copy))  # Sizes only: the stamp says the folder was verified as it looks.
+  with pytest.raises(indexes.LandmarkIndexError, match=f'{table} is not the file the index'):
+    indexes.load(str(copy), verify=True)
+
+
+def test_an_index_of_the_previous_format_is_read_unverified(built, tmp_path):
+  copy = tmp_path / 'v1'
+  shutil.copytree(built['sift'], copy)
+  description = json.loads((copy / 'index.json').read_text())
+  description['format'] = indexes.PREVIOUS_FORMAT
+  del description['checksums']
+  (copy / 'index.json').write_text(json.dumps(description))
+  (copy / 'record_offsets.npy').unlink()
+  original, previous = indexes.load(built['sift']), indexes.load(str(copy), verify=True)
+  assert original.has_checksums and not previous.has_checksums
+  assert previous.counts == original.counts and previous.local == original.local
+  np.testing.assert_array_equal(previous.local_features(3).descriptors,
+                                original.local_features(3).descriptors)
+  with pytest.raises(indexes.LandmarkIndexError, match='previous format'):
+    previous.stored_image(previous.image_id(0))
+  _nan_filled(copy / 'global.npy')
+  indexes.load(str(copy))  # Unverified: nothing recorded to compare with.
+  with pytest.raises(indexes.LandmarkIndexError,
+                     match=f'{copy / "global.npy"} holds NaN or infinite values'):
+    indexes.load(str(copy), verify=True)
+
+
+def test_stored_image_reads_the_records_image_by_id(built, train_images):
+  opened = indexes.load(built['sift'])
+  for row in range(opened.num_images):
+    image_id = opened.image_id(row)
+    assert opened.stored_image(image_id) == train_images[image_id][schema.ENCODED]
+  with pytest.raises(KeyError, match='not-an-image is not in the index'):
+    opened.stored_image('not-an-image')
+
+
+def test_an_image_stored_in_train_and_validation_is_indexed_once(world, tmp_path):
+  # Six landmarks, as the run was trained on; landmark 105 has one image, which
+  # --singletons=duplicate stores in train and, distorted, in validation under the same id.
+  rows = [(f'img{i:02d}', 100 + i % 5) for i in range(20)] + [('single', 105)]
+  write_dataset(tmp_path, rows)
+  ingest.build_records(config_for(tmp_path, singletons='duplicate', validation_fraction=0.2))
+  train_ids = set(read_split(tmp_path / 'records', 'train'))
+  validation_ids = set(read_split(tmp_path / 'records', 'validation'))
+  assert 'single' in train_ids & validation_ids
+  run = tmp_path / 'run'  # The classifier, as if trained on these records.
+  shutil.copytree(world['classifier'], run)
+  metadata = json.loads((run / 'run.json').read_text())
+  (run / 'run.json').write_text(json.dumps({**metadata, 'records_dir': str(tmp_path / 'records')}))
+  folder = tmp_path / 'index'
+  index_builder.build_index(index_builder.IndexConfig(
+      run=str(run), local_features='sift', split='train+validation', max_features=20,
+      output_dir=str(folder), progress=False))
+  opened = indexes.load(str(folder))
+  indexed = [opened.image_id(row) for row in range(opened.num_images)]
+  assert sorted(indexed) == sorted(train_ids | validation_ids)  # Each image once.
+  assert opened.counts.images == len(indexed)
+  row = indexed.index('single')
+  assert opened.landmark_of(row) == 105 and list(opened.images_of(105)) == [row]
+  # The first occurrence, train's: its features are those of the undistorted image.
+  shard = opened.metadata['shards'][int(np.load(folder / 'images.npy')['shard'][row])]
+  assert shard['name'].startswith('train-')
+  train_image = read_split(tmp_path / 'records', 'train')['single']
+  assert opened.stored_image('single') == train_image[schema.ENCODED]
+  assert opened.counts.features == sum(len(opened.local_features(r)) for r in range(len(indexed)))
+
+
+def test_a_folder_another_build_is_writing_is_refused(world, built, tmp_path):
+  folder = tmp_path / 'locked'
+  folder.mkdir()
+  with files.exclusive_writer(str(folder), 'tfl-build-index', RuntimeError):
+    with pytest.raises(indexes.LandmarkIndexError,
+                       match=f'another tfl-build-index is writing to {folder}'):
+      index_builder.build_index(_config(world, 'sift', folder, max_features=20))
+  assert os.listdir(folder) == ['.lock']  # Nothing written.
+  # Released: --overwrite of a finished index keeps the lock file and rebuilds.
+  shutil.rmtree(folder)
+  shutil.copytree(built['sift'], folder)
+  index_builder.build_index(_config(world, 'sift', folder, max_features=20, overwrite=True))
+  assert indexes.load(str(folder)).local.max_features == 20
+
+
+def test_non_finite_features_are_refused_before_checksums_vouch_for_them(world, tmp_path,
+                                                                        monkeypatch):
+  sift = index_builder.extractor_lib.make_local_extractor('sift', max_features=20)
+
+  def diverged(*args, **kwargs):
+    del args, kwargs
+    def extract(image):
+      features = sift(image)
+      return dataclasses.replace(features, descriptors=np.full_like(features.descriptors, np.nan))
+    return extract
+
+  monkeypatch.setattr(index_builder.extractor_lib, 'make_local_extractor', diverged)
+  folder = tmp_path / 'nan'
+  with pytest.raises(indexes.LandmarkIndexError,
+                     match=r'the sift features of images of .*train-00000-of-00003 hold NaN'):
+    index_builder.build_index(_config(world, 'sift', folder, max_features=20))
+  assert not (folder / 'index.json').exists()
+  assert not list((folder / 'shards').iterdir())

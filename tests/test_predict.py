@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from tf_landmarks import export
+from tf_landmarks import index_builder
+from tf_landmarks import indexes
 from tf_landmarks import predict
 from tf_landmarks import submission
-from tf_landmarks.local_features import index as index_lib
 from helpers import REAL_DATA, REPO, requires_real_data, trained_world
 
 BIN = REPO / '.venv' / 'bin'
@@ -90,7 +91,7 @@ def test_verification_raises_gap_and_writes_kaggle_submissions(world, predicted)
   test_ids = [row['id'] for row in _rows(os.path.join(world['world'], 'test.csv'))]
   for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
     assert sorted(row['id'] for row in _rows(predicted / name)) == sorted(test_ids), name
-  opened = index_lib.Index(os.path.join(world['export'], 'index'))
+  opened = indexes.load(os.path.join(world['export'], 'index'))
   indexed = {opened.image_id(row) for row in range(opened.num_images)}
   for row in _rows(predicted / 'retrieval.csv'):
     images = row['images'].split()
@@ -146,7 +147,7 @@ def test_verify_top_k_reaches_landmarks_the_classifier_did_not_propose(world, tm
                                           output_dir=str(tmp_path / 'top1'), top_k=1))
   assert one['classifier']['top_k'] == 1
   _predict({**world, 'export': str(tmp_path / 'top1')}, tmp_path / 'p', verify_top_k=5)
-  landmarks = set(index_lib.Index(os.path.join(world['export'], 'index')).landmark_ids)
+  landmarks = set(indexes.load(os.path.join(world['export'], 'index')).landmark_ids)
   for entry in map(json.loads, open(tmp_path / 'p' / 'predictions.jsonl')):
     verified = [candidate['landmark_id'] for candidate in entry['candidates']]
     assert len(verified) == len(set(verified)) == min(5, len(landmarks))
@@ -283,7 +284,7 @@ def test_real_photos_are_recognised_by_sift_verification_of_every_landmark(tmp_p
                                 weights='none', head='softmax', batch_size=16, epochs=5,
                                 optimizer='adam', learning_rate=0.003, progress=False),
               data.InputConfig(image_size=96))
-  index_lib.build_index(index_lib.IndexConfig(
+  index_builder.build_index(index_builder.IndexConfig(
       run=str(tmp_path / 'classifier'), local_features='sift', split='train+validation',
       output_dir=str(tmp_path / 'index'), progress=False))
   export.export(export.ExportConfig(run=str(tmp_path / 'classifier'),

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from tf_landmarks import ingest
 from tf_landmarks import records
+from tf_landmarks import schema
 from helpers import GOOD_ROWS, REPO, config_for, write_dataset
 
 
@@ -102,3 +104,48 @@ def test_noverify_on_a_corrupt_shard_names_the_shard(copy):
   assert result.returncode == 2, result.stdout
   assert f'{shard} is corrupt or truncated' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def _scanned(path):
+  """(offset, payload) of every record of a shard, read through; offsets from the framing."""
+  offset, found = 0, []
+  for record in tf.data.TFRecordDataset(path):
+    found.append((offset, record.numpy()))
+    offset += len(found[-1][1]) + records.RECORD_FRAMING_BYTES
+  return found
+
+
+def test_read_record_at_an_offset_equals_the_scan(build):
+  path = records.load(str(build)).files('train')[0]
+  scanned = _scanned(path)
+  assert len(scanned) > 2
+  for offset, payload in scanned:
+    assert records.read_record(path, offset) == payload
+  offset, payload = scanned[1]
+  feature = tf.train.Example.FromString(payload).features.feature
+  image_id = feature[schema.ID].bytes_list.value[0].decode()
+  assert records.read_stored_image(path, offset, image_id) == \
+      feature[schema.ENCODED].bytes_list.value[0]
+  with pytest.raises(records.RecordsError, match=f'is image {image_id}, not other; the shard was '
+                     'rebuilt since'):
+    records.read_stored_image(path, offset, 'other')
+
+
+def test_read_record_refuses_a_wrong_offset_and_a_damaged_record(copy):
+  path = records.load(str(copy)).files('train')[0]
+  offset, payload = _scanned(path)[1]
+  content = open(path, 'rb').read()
+  cases = [
+      (offset + 1, content, f'{path}: no record starts at byte {offset + 1:,}'),
+      (len(content), content, f'{path} has {len(content):,} bytes: no record can start at byte'),
+      (offset, content[:offset + 12 + len(payload) // 2], 'more than the shard holds after it'),
+      (offset, content[:offset + 20] + bytes([content[offset + 20] ^ 1]) + content[offset + 21:],
+       f'{path}: the record at byte {offset:,} fails its checksum'),
+  ]
+  for at, damaged, message in cases:
+    with open(path, 'wb') as f:
+      f.write(damaged)
+    with pytest.raises(records.RecordsError, match=message):
+      records.read_record(path, at)
+  with pytest.raises(records.RecordsError, match='is missing'):
+    records.read_record(str(copy / 'nowhere'), 0)

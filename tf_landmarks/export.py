@@ -45,11 +45,11 @@ from tf_landmarks import data
 from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
+from tf_landmarks import indexes
 from tf_landmarks import records as records_lib
 from tf_landmarks import runs
 from tf_landmarks import models
 from tf_landmarks.local_features import delf as delf_features
-from tf_landmarks.local_features import index as index_lib
 from tf_landmarks.models import classifier as classifier_lib
 from tf_landmarks.models import delf as delf_model
 from tf_landmarks.settings import setting
@@ -319,13 +319,13 @@ def _copy_tree(source: str, target: str) -> None:
       tf.io.gfile.copy(files.join(folder, name), files.join(destination, name), overwrite=True)
 
 
-def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[index_lib.Index]:
+def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[indexes.Index]:
   if config.index == 'none':
     return None
   path = config.index or files.join(config.run, 'index')
-  if not config.index and not tf.io.gfile.exists(files.join(path, index_lib.INDEX_JSON)):
+  if not config.index and not tf.io.gfile.exists(files.join(path, indexes.INDEX_JSON)):
     return None
-  opened = index_lib.Index(path)
+  opened = indexes.load(path)
   expected = opened.metadata.get('run_model_sha256')
   if expected != model_sha256:
     raise ExportError(f'the index {path} was built from another model than '
@@ -341,7 +341,7 @@ def export(config: ExportConfig) -> dict:
     The export description, also written to `<output_dir>/export.json`.
 
   Raises:
-    ExportError, index.LandmarkIndexError, records.RecordsError: unusable runs, index or output
+    ExportError, indexes.LandmarkIndexError, records.RecordsError: unusable runs, index or output
       folder, with a message for the user.
   """
   if not config.run or not config.output_dir:

@@ -56,6 +56,7 @@ from tf_landmarks import errors
 from tf_landmarks import export as export_lib
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
+from tf_landmarks import indexes
 from tf_landmarks import ingest
 from tf_landmarks import records as records_lib
 from tf_landmarks import schema
@@ -65,7 +66,7 @@ from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.local_features import delf as delf_features
 from tf_landmarks.local_features import draw
 from tf_landmarks.local_features import evaluate as pair_evaluation
-from tf_landmarks.local_features import index as index_lib
+from tf_landmarks.local_features import extractor as extractor_lib
 from tf_landmarks.settings import setting
 
 # The folder's format, predict.json and the submissions' names belong to submission.py, which reads
@@ -282,7 +283,7 @@ class Verifier:
     pair_settings: matching and RANSAC settings.
   """
 
-  def __init__(self, index: index_lib.Index, extract, pair_settings):
+  def __init__(self, index: indexes.Index, extract, pair_settings):
     self.index = index
     self.extract = extract
     self.pair_settings = pair_settings
@@ -296,10 +297,10 @@ def open_verifier(export_dir: str, description: dict, config: PredictConfig) -> 
   """The export's index and extractor (None for an export without an index)."""
   if not description['index']:
     return None
-  index = index_lib.Index(files.join(export_dir, description['index']['path']))
+  index = indexes.load(files.join(export_dir, description['index']['path']))
   local = index.metadata['local']
   if local['backend'] == 'sift':
-    extract = index_lib.make_local_extractor('sift', max_features=local['max_features'])
+    extract = extractor_lib.make_local_extractor('sift', max_features=local['max_features'])
   else:
     delf = description['delf']
     try:
@@ -596,7 +597,7 @@ def predict(config: PredictConfig) -> dict:
     where the submissions are.
 
   Raises:
-    PredictError, export.ExportError, index.LandmarkIndexError, csv_io.CsvError: unusable
+    PredictError, export.ExportError, indexes.LandmarkIndexError, csv_io.CsvError: unusable
       settings, export, queries or output folder.
   """
   settings.check(config)
@@ -755,7 +756,7 @@ def match_drawer(predictions_dir: str) -> Callable[[str, int, str], Optional[str
     draw(query_id, landmark_id, png_path) -> caption or None, as `draw_match`.
 
   Raises:
-    PredictError, export.ExportError, index.LandmarkIndexError, records.RecordsError: the folder,
+    PredictError, export.ExportError, indexes.LandmarkIndexError, records.RecordsError: the folder,
       its export, the export's index or the index's records cannot be opened, or the export has
       no index to draw matches from.
   """

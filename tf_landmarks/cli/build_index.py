@@ -9,21 +9,21 @@ Examples:
 Stores, for every image of the run's records (the train split by default), the classifier's global
 descriptor and the image's local features (DELF or SIFT) in sharded .npy files, with a per-image
 table sorted by landmark; index.json, written last, marks a finished index. The layout and its
-size for GLDv2 are in tf_landmarks/local_features/index.py. An interrupted build (Ctrl-C, SIGTERM,
+size for GLDv2 are in tf_landmarks/indexes.py. An interrupted build (Ctrl-C, SIGTERM,
 a killed process) continues with --resume from its first unfinished shard; --resume of a finished
 index does nothing.
 """
 
 from tf_landmarks.cli import common
-from tf_landmarks.local_features import index
+from tf_landmarks import index_builder
 
-common.define_flags(index.IndexConfig)
+common.define_flags(index_builder.IndexConfig)
 
 
 def main() -> int:
-  built = index.build_index(common.from_flags(index.IndexConfig))
+  built = index_builder.build_index(common.from_flags(index_builder.IndexConfig))
   output_dir = common.FLAGS.output_dir or f'{common.FLAGS.run}/index'
-  if built.get(index.ALREADY_FINISHED):
+  if built.get(index_builder.ALREADY_FINISHED):
     print(f'{output_dir} holds a finished index: nothing to resume, left as it is')
     return 0
   counts, local = built['counts'], built['local']

@@ -7,8 +7,8 @@ original image. Cells whose attention reaches `abs_threshold` are candidates; ov
 `max_feature_num` with the highest attention are kept, after an optional greedy non-maximum
 suppression of their boxes (`iou_threshold` < 1; DELF's default 1.0 turns it off: the boxes of
 neighbouring cells overlap heavily, ResNet50's by 95% along each axis). An optional PCA (fitted on
-index descriptors with `fit_pca`) then shortens the descriptors, with L2 normalisation before and
-after as in DELF.
+index descriptors with `fit_pca`, or on a sample of index images with `fit_pca_to_images`) then
+shortens the descriptors, with L2 normalisation before and after as in DELF.
 
 One implementation serves both uses: the pyramid, selection and PCA are TensorFlow ops in one
 `tf.function` (`_ExtractionModule.extract`), which `DelfExtractor` calls in process and
@@ -36,7 +36,7 @@ import io
 import math
 import numbers
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -144,6 +144,43 @@ def fit_pca(descriptors, dim: int = 40, whiten: bool = False) -> Pca:
   directions *= np.sign(directions[np.arange(dim), largest])[:, None]
   return Pca(mean.astype(np.float32), directions.astype(np.float32),
              variances.astype(np.float32), bool(whiten))
+
+
+def fit_pca_to_images(model: DelfModel, images: Iterable[np.ndarray], *, dim: int, whiten: bool,
+                      descriptors_per_image: int, scales: Sequence[float] = DEFAULT_SCALES,
+                      max_feature_num: int = DEFAULT_MAX_FEATURE_NUM, abs_threshold: float = 0.0,
+                      seed: int = 0) -> Pca:
+  """`fit_pca` on descriptors of `model` sampled from images: how an index fits its PCA.
+
+  Each image is extracted without PCA (as `DelfExtractor` with the given settings) and gives at
+  most `descriptors_per_image` descriptors, drawn at random (seeded) when it has more, so that
+  every image weighs alike and the sample stays bounded.
+
+  Args:
+    model: the DELF model.
+    images: uint8 RGB images [H, W, 3].
+    dim: components kept.
+    whiten: whiten the projections.
+    descriptors_per_image: descriptors kept per image.
+    scales: DELF's pyramid scales.
+    max_feature_num: features extracted per image, strongest first.
+    abs_threshold: DELF's attention threshold.
+    seed: of the random draw.
+
+  Raises:
+    DelfError: as `fit_pca` (too few or degenerate descriptors).
+  """
+  extract = DelfExtractor(model, scales=scales, max_feature_num=max_feature_num,
+                          abs_threshold=abs_threshold)
+  rng = np.random.default_rng(seed)
+  samples = [np.zeros((0, model.descriptor_dim), np.float32)]
+  for image in images:
+    descriptors = extract(image).descriptors
+    if len(descriptors) > descriptors_per_image:
+      descriptors = descriptors[np.sort(rng.choice(len(descriptors), descriptors_per_image,
+                                                   replace=False))]
+    samples.append(descriptors)
+  return fit_pca(np.concatenate(samples), dim, whiten)
 
 
 def apply_pca(descriptors, pca: Pca) -> tf.Tensor:
