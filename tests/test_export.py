@@ -15,6 +15,7 @@ from PIL import Image
 from tf_landmarks import data
 from tf_landmarks import export
 from tf_landmarks import exports
+from tf_landmarks import files
 from tf_landmarks import runs
 from tf_landmarks import records
 from tf_landmarks.local_features import delf as delf_features
@@ -304,3 +305,13 @@ def test_export_refuses_to_copy_a_damaged_index_shard(exported, tmp_path, damage
   assert shard.name in str(raised.value) and '\n' not in str(raised.value)
   assert ('NaN' in str(raised.value)) == (damage == 'nan')
   assert not (tmp_path / 'out' / 'export.json').exists()
+
+
+def test_one_writer_per_export_folder(exported, tmp_path):
+  folder = tmp_path / 'taken'
+  folder.mkdir()
+  with files.exclusive_writer(str(folder), 'tfl-export', export.ExportError):
+    with pytest.raises(export.ExportError, match='another tfl-export is writing'):
+      export.export(export.ExportConfig(run=exported['classifier'], index='none',
+                                        output_dir=str(folder)))
+  assert not (folder / 'export.json').exists()
