@@ -103,7 +103,8 @@ def _print_recognition(name, scores, per_class):
   for board, board_scores in ((name, scores), *scores.get('usage', {}).items()):
     print(f'{board if board == name else "  " + board}: GAP {board_scores["gap"]:.4f} (landmark '
           f'queries only {board_scores["gap_landmark_queries_only"]:.4f}), accuracy on landmark '
-          f'queries {board_scores["accuracy_on_landmark_queries"]:.4f}; {board_scores["predictions"]} '
+          f'queries {board_scores["accuracy_on_landmark_queries"]:.4f}; '
+          f'{board_scores["predictions"]} '
           f'predictions for {board_scores["queries"]} queries ({board_scores["landmark_queries"]} '
           f'with a landmark, {board_scores["predictions_on_non_landmark_queries"]} predictions on '
           'queries without one)')

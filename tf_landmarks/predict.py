@@ -24,7 +24,8 @@ least.
 Retrieval. The query's `--retrieval_depth` nearest index images by global descriptor, the first
 `--rerank` of them verified (reusing recognition's verifications): those with at least
 `--min_inliers` inliers, and the index image that verified the recognised landmark wherever the
-search put it, move to the front, most inliers first (`retrieval_order`). A row never lists an image id twice.
+search put it, move to the front, most inliers first (`retrieval_order`). A row never lists an
+image id twice.
 
 Query images are prepared as the records build prepared the index images (long side capped at the
 build's `max_image_size`, JPEG-encoded), so local features of both live at the same scale.
@@ -360,7 +361,8 @@ class _QueryPredictor:
       features = self.verifier.extract(tf.io.decode_jpeg(query.jpeg, channels=3).numpy())
       timing['extract'] = time.perf_counter() - started
     started = time.perf_counter()
-    verified_rows: Dict[int, ransac.Verification] = {}  # index row → its check, shared with retrieval
+    # index row → its check, shared with retrieval.
+    verified_rows: Dict[int, ransac.Verification] = {}
     query_descriptor = np.asarray(embedding, np.float32)
     best, answer_row = None, None
     for landmark, first_stage in self._to_verify(proposals, query_descriptor, neighbours[1]):
