@@ -14,6 +14,8 @@ from PIL import Image
 
 from tf_landmarks import data
 from tf_landmarks import export
+from tf_landmarks import exports
+from tf_landmarks import files
 from tf_landmarks import indexes
 from tf_landmarks import runs
 from tf_landmarks import records
@@ -65,12 +67,13 @@ def test_export_folder_has_tf_serving_layout_and_describes_its_parts(exported):
   for part in ('classifier/1/saved_model.pb', 'classifier/1/assets.extra/label_map.csv',
                'delf/1/saved_model.pb', 'index/index.json', 'export.json'):
     assert os.path.exists(os.path.join(folder, part)), part
-  described = export.read_export(folder)
+  described = exports.load(folder)
   assert described == exported['description']
-  assert described['classifier']['signatures']['serving_default']['outputs'] == list(
-      export.OUTPUT_NAMES)
-  assert described['delf']['scales'] == [0.5, 1.0, 2.0]
-  assert described['index']['local_features'] == 'delf'
+  written = json.load(open(os.path.join(folder, 'export.json')))
+  assert written['classifier']['signatures']['serving_default']['outputs'] == list(
+      exports.OUTPUT_NAMES)
+  assert described.delf.scales == (0.5, 1.0, 2.0)
+  assert described.index.local_features == 'delf'
 
 
 def test_serving_default_returns_original_landmark_ids_as_the_keras_model_ranks_them(exported,
@@ -78,7 +81,7 @@ def test_serving_default_returns_original_landmark_ids_as_the_keras_model_ranks_
   _, serve = serving
   jpegs = _train_jpegs(exported)
   outputs = serve(images=tf.constant(jpegs))
-  assert set(outputs) == set(export.OUTPUT_NAMES)
+  assert set(outputs) == set(exports.OUTPUT_NAMES)
   landmark_ids = [row[1] for row in records.read_label_map(exported['records'])]
   model = keras.saving.load_model(os.path.join(exported['classifier'], 'model.keras'))
   for position, jpeg in enumerate(jpegs):
@@ -187,10 +190,10 @@ def test_saved_model_cli_shows_and_runs_both_saved_models(exported, tmp_path):
 
 def test_exported_delf_extracts_what_the_index_was_built_with(exported):
   opened = indexes.load(os.path.join(exported['export'], 'index'))
-  delf = exported['description']['delf']
+  delf = exported['description'].delf
   from_export = delf_features.load_saved_model(
-      os.path.join(exported['export'], 'delf', '1'), scales=delf['scales'],
-      max_feature_num=delf['max_feature_num'], abs_threshold=delf['abs_threshold'])
+      os.path.join(exported['export'], 'delf', '1'), scales=delf.scales,
+      max_feature_num=delf.max_feature_num, abs_threshold=delf.abs_threshold)
   in_process = opened.local_extractor()
   image = tf.io.decode_jpeg(_train_jpegs(exported, 1)[0]).numpy()
   a, b = from_export(image), in_process(image)
@@ -209,7 +212,107 @@ def test_refuses_a_full_folder_an_index_of_another_run_and_a_delf_run(exported, 
                                       delf_run=exported['classifier'],
                                       output_dir=str(tmp_path / 'b')))
   with pytest.raises(export.ExportError, match='no export.json|not a finished export'):
-    export.read_export(str(tmp_path))
+    exports.load(str(tmp_path))
   alone = export.export(export.ExportConfig(run=exported['classifier'], index='none',
                                             output_dir=str(tmp_path / 'alone')))
-  assert alone['index'] is None and alone['delf'] is None
+  assert alone.index is None and alone.delf is None
+
+
+# --- Integrity: export.json records every file; a load checks them, and export checks its copy. ---
+
+
+def _copy_export(exported, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'export'
+  shutil.copytree(exported['export'], copy)
+  return copy
+
+
+def test_export_json_records_every_file_it_wrote_or_copied(exported):
+  folder = exported['export']
+  recorded = exported['description'].checksums
+  on_disk = {os.path.relpath(os.path.join(parent, name), folder)
+             for parent, _, names in os.walk(folder) for name in names
+             if not name.startswith('.') and name != 'export.json'}
+  assert set(recorded) == on_disk
+  assert 'classifier/1/saved_model.pb' in recorded and 'delf/1/saved_model.pb' in recorded
+  assert any(name.startswith('index/shards/') for name in recorded)
+
+
+@pytest.mark.parametrize('damage', ['flipped index shard byte', 'flipped saved_model byte',
+                                    'truncated index shard'])
+def test_a_damaged_file_is_named_in_one_line_when_loaded(exported, tmp_path, damage):
+  folder = _copy_export(exported, tmp_path)
+  exports.load(str(folder), verify=True)
+  shard = sorted((folder / 'index' / 'shards').glob('*.descriptors.npy'))[0]
+  target = folder / 'classifier' / '1' / 'saved_model.pb' if 'saved_model' in damage else shard
+  data_bytes = bytearray(target.read_bytes())
+  if damage.startswith('flipped'):
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+  else:
+    data_bytes = data_bytes[:len(data_bytes) // 2]
+  target.write_bytes(bytes(data_bytes))
+  os.utime(target, ns=(1, 1))  # Another time: what a copy or an edit leaves.
+  with pytest.raises(exports.ExportError) as raised:
+    exports.load(str(folder))
+  message = str(raised.value)
+  assert str(target) in message and '\n' not in message
+  assert ('truncated' in message) == damage.startswith('truncated')
+
+
+def test_verify_hashes_even_when_the_stamp_says_nothing_changed(exported, tmp_path):
+  folder = _copy_export(exported, tmp_path)
+  exports.load(str(folder))  # A full check: leaves the stamp.
+  target = folder / 'classifier' / '1' / 'saved_model.pb'
+  stat = target.stat()
+  data_bytes = bytearray(target.read_bytes())
+  data_bytes[10] ^= 0xFF
+  target.write_bytes(bytes(data_bytes))
+  os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # Same size and time: stamp matches.
+  exports.load(str(folder))
+  with pytest.raises(exports.ExportError, match='saved_model.pb is not the file'):
+    exports.load(str(folder), verify=True)
+
+
+def test_a_v1_export_is_read_unverified_and_refused_with_verify(exported, tmp_path):
+  folder = _copy_export(exported, tmp_path)
+  written = json.load(open(folder / 'export.json'))
+  written['format'] = exports.FORMAT_V1
+  del written['files']
+  (folder / 'export.json').write_text(json.dumps(written))
+  loaded = exports.load(str(folder))
+  assert loaded.checksums is None and loaded.classifier.path == str(folder / 'classifier' / '1')
+  assert loaded.classifier.max_image_side == exported['description'].classifier.max_image_side
+  with pytest.raises(exports.ExportError, match='without checksums'):
+    exports.load(str(folder), verify=True)
+
+
+@pytest.mark.parametrize('damage', ['nan', 'truncated'])
+def test_export_refuses_to_copy_a_damaged_index_shard(exported, tmp_path, damage):
+  import shutil  # pylint: disable=g-import-not-at-top
+  index = tmp_path / 'index'
+  shutil.copytree(exported['index'], index)
+  shard = sorted((index / 'shards').glob('*.descriptors.npy'))[0]
+  if damage == 'nan':
+    array = np.load(shard)
+    array[0, 0] = np.nan
+    np.save(shard, array)
+  else:
+    shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(indexes.LandmarkIndexError) as raised:
+    export.export(export.ExportConfig(run=exported['classifier'], index=str(index),
+                                      output_dir=str(tmp_path / 'out')))
+  assert shard.name in str(raised.value) and '\n' not in str(raised.value)
+  # The same size with other bytes (NaN written over a value), or fewer bytes.
+  assert ('SHA-256 differs' if damage == 'nan' else 'truncated') in str(raised.value)
+  assert not (tmp_path / 'out' / 'export.json').exists()
+
+
+def test_one_writer_per_export_folder(exported, tmp_path):
+  folder = tmp_path / 'taken'
+  folder.mkdir()
+  with files.exclusive_writer(str(folder), 'tfl-export', export.ExportError):
+    with pytest.raises(export.ExportError, match='another tfl-export is writing'):
+      export.export(export.ExportConfig(run=exported['classifier'], index='none',
+                                        output_dir=str(folder)))
+  assert not (folder / 'export.json').exists()

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,10 +13,14 @@ import pytest
 from PIL import Image
 
 from tf_landmarks import export
+from tf_landmarks import files
 from tf_landmarks import index_builder
 from tf_landmarks import indexes
+from tf_landmarks import match_pictures
 from tf_landmarks import predict
+from tf_landmarks import predictions
 from tf_landmarks import submission
+from tf_landmarks.local_features import ransac
 from helpers import REAL_DATA, REPO, requires_real_data, trained_world
 
 BIN = REPO / '.venv' / 'bin'
@@ -111,14 +114,46 @@ def test_verification_raises_gap_and_writes_kaggle_submissions(world, predicted)
   assert len(log) == len(test_ids) and all(' ms (classify ' in line for line in log)
 
 
+def _verified(inliers_of):
+  """index row → a Verification with that many inliers."""
+  return {row: ransac.Verification(inliers, np.ones(inliers, bool), None, None)
+          for row, inliers in inliers_of.items()}
+
+
+def _distinct_ids(row):
+  return f'image{row}'
+
+
 def test_retrieval_lists_every_verified_match_first_most_inliers_first():
   nearest = [10, 11, 12, 13, 14]
   # 12 and 14 verified in the re-ranking window, 40 (the answer's image) beyond the nearest rows;
   # 11 checked and rejected.
   inliers_of = {12: 30, 14: 50, 40: 30, 11: 3}
-  assert predict.retrieval_order(nearest, inliers_of, 15) == [14, 12, 40, 10, 11, 13]
-  assert predict.retrieval_order(nearest, {}, 15) == nearest
-  assert predict.retrieval_order(nearest, {13: 15, 10: 14}, 15) == [13, 10, 11, 12, 14]
+  assert predict.retrieval_order(nearest, _verified(inliers_of), 15, _distinct_ids) == [
+      14, 12, 40, 10, 11, 13]
+  assert predict.retrieval_order(nearest, {}, 15, _distinct_ids) == nearest
+  assert predict.retrieval_order(nearest, _verified({13: 15, 10: 14}), 15, _distinct_ids) == [
+      13, 10, 11, 12, 14]
+
+
+def test_a_retrieval_row_never_repeats_an_image_id():
+  # An index built from --singletons=duplicate records holds one image under one id in two rows.
+  ids = {10: 'a', 11: 'b', 12: 'a', 13: 'c', 14: 'b'}.get
+  assert predict.retrieval_order([10, 11, 12, 13, 14], {}, 15, ids) == [10, 11, 13]
+  # A verified duplicate moves to the front, and its twin is not listed again further down.
+  assert predict.retrieval_order([10, 11, 12, 13, 14], _verified({12: 20}), 15, ids) == [
+      12, 11, 13]
+
+
+def test_verification_decides_with_ransac_accept(world, tmp_path, monkeypatch):
+  # The acceptance rule is ransac.accept's alone: one that accepts nothing verifies nothing,
+  # where a threshold of predict's own would still verify the answers the fixture verifies.
+  monkeypatch.setattr(ransac, 'accept', lambda verification, min_inliers: False)
+  _predict(world, tmp_path / 'none_accepted')
+  entries = [json.loads(line) for line in open(tmp_path / 'none_accepted' / 'predictions.jsonl')]
+  assert entries and all(entry['prediction'] is None or entry['prediction'][1] < 1.0
+                         for entry in entries)
+  assert any(candidate['inliers'] >= 15 for entry in entries for candidate in entry['candidates'])
 
 
 def test_retrieval_puts_the_answers_index_image_first(world, predicted):
@@ -145,7 +180,7 @@ def test_knn_and_fused_first_stages_recognise_too(world, tmp_path, first_stage):
 def test_verify_top_k_reaches_landmarks_the_classifier_did_not_propose(world, tmp_path):
   one = export.export(export.ExportConfig(run=world['classifier'], index=world['index'],
                                           output_dir=str(tmp_path / 'top1'), top_k=1))
-  assert one['classifier']['top_k'] == 1
+  assert one.classifier.top_k == 1
   _predict({**world, 'export': str(tmp_path / 'top1')}, tmp_path / 'p', verify_top_k=5)
   landmarks = set(indexes.load(os.path.join(world['export'], 'index')).landmark_ids)
   for entry in map(json.loads, open(tmp_path / 'p' / 'predictions.jsonl')):
@@ -189,7 +224,7 @@ def test_a_rerun_continues_an_interrupted_journal_and_gives_the_same_files(world
   lines = open(predicted / 'predictions.jsonl', 'rb').read().splitlines(keepends=True)
   # Five whole lines, then half a line: a process killed while writing.
   (output_dir / 'predictions.jsonl').write_bytes(b''.join(lines[:5]) + lines[5][:20])
-  assert len(predict.Journal(str(output_dir / 'predictions.jsonl')).entries) == 5
+  assert len(predictions.Journal(str(output_dir / 'predictions.jsonl')).entries) == 5
   # A whole line that is not an entry ends the journal there too.
   (output_dir / 'predictions.jsonl').write_bytes(b''.join(lines[:5]) + b'{"id": "x"}\n' +
                                                  b''.join(lines[5:]))
@@ -199,6 +234,15 @@ def test_a_rerun_continues_an_interrupted_journal_and_gives_the_same_files(world
   for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
     assert (output_dir / name).read_bytes() == (predicted / name).read_bytes(), name
   assert len((output_dir / 'predictions.jsonl').read_bytes().splitlines()) == len(lines)
+
+
+def test_one_writer_per_predictions_folder(world, tmp_path):
+  output_dir = tmp_path / 'taken'
+  output_dir.mkdir()
+  with files.exclusive_writer(str(output_dir), 'tfl-predict', predict.PredictError):
+    with pytest.raises(predict.PredictError, match='another tfl-predict is writing'):
+      _predict(world, output_dir)
+  assert not (output_dir / 'predict.json').exists()
 
 
 def test_other_settings_need_overwrite(world, predicted, tmp_path):
@@ -260,11 +304,30 @@ def test_draw_match_pictures_a_query_against_its_verified_index_image(world, pre
   entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
   entry = next(entry for entry in entries if entry['prediction'] and entry['prediction'][1] >= 1)
   png = tmp_path / 'match.png'
-  caption = predict.draw_match(str(predicted), entry['id'], entry['prediction'][0], str(png))
+  draw = match_pictures.drawer(str(predicted), [entry['id'], 'nosuchquery00000'])
+  caption = draw(entry['id'], entry['prediction'][0], str(png))
   assert caption and 'inliers' in caption
   with Image.open(png) as picture:
     assert picture.width > picture.height > 64
-  assert predict.draw_match(str(predicted), 'nosuchquery00000', 1, str(tmp_path / 'x.png')) is None
+  assert draw('nosuchquery00000', 1, str(tmp_path / 'x.png')) is None
+
+
+def test_match_pictures_read_the_queries_in_one_pass(world, predicted, monkeypatch):
+  entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
+  passes = []
+  original = predict.query_reader
+
+  def counting_reader(config, export):
+    total, read, skipped = original(config, export)
+
+    def counted(wanted):
+      passes.append(1)
+      return read(wanted)
+    return total, counted, skipped
+  monkeypatch.setattr(predict, 'query_reader', counting_reader)
+  ids = [entry['id'] for entry in entries[:4]]
+  match_pictures.drawer(str(predicted), ids)
+  assert len(passes) == 1
 
 
 @pytest.mark.slow

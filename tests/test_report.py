@@ -162,14 +162,14 @@ def _predictions_dir(tmp_path) -> pathlib.Path:
   return folder
 
 
-# The command in a fresh process, with the prediction module's drawer either unavailable
-# (importing it fails) or this file's real picture drawer, which records how it was called.
+# The command in a fresh process, with the match-picture module either unavailable (importing it
+# fails) or drawing with this file's real picture drawer, which records how it was called.
 _RUN_EVALUATE = '''
 import functools, sys, types
 drawer = sys.argv.pop(1)
 sys.argv[0] = 'tfl-evaluate'
 if drawer == 'none':
-  sys.modules['tf_landmarks.predict'] = None
+  sys.modules['tf_landmarks.match_pictures'] = None
 else:
   sys.path.insert(0, {tests!r})
   import test_report
@@ -178,8 +178,8 @@ else:
     calls.write(f'{{predictions_dir}} {{query_id}} {{landmark_id}}\\n')
     calls.flush()
     return test_report.draw_generated_match(query_id, landmark_id, png_path)
-  sys.modules['tf_landmarks.predict'] = types.SimpleNamespace(
-      match_drawer=lambda predictions_dir: functools.partial(draw_match, predictions_dir))
+  sys.modules['tf_landmarks.match_pictures'] = types.SimpleNamespace(
+      drawer=lambda predictions_dir, query_ids: functools.partial(draw_match, predictions_dir))
 from tf_landmarks.cli import evaluate
 evaluate.run()
 '''.format(tests=str(REPO / 'tests'))

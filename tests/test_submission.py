@@ -300,27 +300,6 @@ def test_per_class_precision_recall_f1_through_files(tmp_path):
       'macro_recall': (0.5 + 1 + 1 / 3) / 3, 'macro_f1': 2 / 3})
 
 
-def test_open_predictions_folder_finds_the_files_and_checks_the_format(tmp_path):
-  (tmp_path / 'predict.json').write_text(json.dumps(
-      {'format': submission.PREDICTIONS_FORMAT, 'records_dir': 'records/x', 'finished': False,
-       'settings': {'first_stage': 'knn'}}))
-  (tmp_path / 'recognition.csv').write_text('id,landmarks\n')
-  with pytest.raises(submission.SubmissionError, match='unfinished prediction run'):
-    submission.open_predictions_folder(str(tmp_path))
-  (tmp_path / 'predict.json').write_text(json.dumps(
-      {'format': submission.PREDICTIONS_FORMAT, 'records_dir': 'records/x', 'finished': True,
-       'settings': {'first_stage': 'knn'}}))
-  folder = submission.open_predictions_folder(str(tmp_path))
-  assert folder.records_dir == 'records/x' and folder.first_stage == 'knn'
-  assert folder.recognition == str(tmp_path / 'recognition.csv')
-  assert folder.unverified_recognition is None and folder.retrieval is None
-  (tmp_path / 'predict.json').write_text(json.dumps({'format': 'something else'}))
-  with pytest.raises(submission.SubmissionError, match="format 'something else'"):
-    submission.open_predictions_folder(str(tmp_path))
-  with pytest.raises(submission.SubmissionError, match='not a predictions folder'):
-    submission.open_predictions_folder(str(tmp_path / 'missing'))
-
-
 def _official_script(task, predictions_path, solution_path):
   """Runs Google's compute_<task>_metrics.py; returns its stdout."""
   script = (OFFICIAL_SCORING / 'delf' / 'python' / 'datasets' / 'google_landmarks_dataset' /

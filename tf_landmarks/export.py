@@ -1,6 +1,7 @@
 """SavedModels for serving: the classifier (encoded bytes in, landmark ids out), DELF, the index.
 
-`export(ExportConfig)` writes, into `--output_dir`:
+`export(ExportConfig)` writes, into `--output_dir` (the folder's names and format, and its
+reading, are `tf_landmarks/exports.py`'s):
 
   classifier/1/          TF Serving's layout (model base path `classifier`, version 1). Signatures:
     serving_default      images: tf.string [B], encoded JPEG or PNG bytes (TF Serving's REST API
@@ -20,8 +21,13 @@
   index/                 a copy of the index (`tfl-build-index`): global descriptors and local
                          features of the index images.
   export.json            written LAST (the mark of a finished export): what each part is, the runs
-                         and checksums they came from, the signatures, and the extraction settings
-                         queries need to match the index.
+                         and checksums they came from, the signatures, the extraction settings
+                         queries need to match the index, and the size and SHA-256 of every file
+                         above, verified when the export is loaded.
+
+The index is checked as it is copied: a truncated or damaged array, or one holding NaN, is refused
+(one line naming the file), so the checksums never vouch for a broken copy. One `tfl-export`
+writes a folder at a time (`files.exclusive_writer`).
 
 Bad items never fail a batch: every item is checked before decoding (empty, over
 `max_image_bytes`, not JPEG/PNG by its magic bytes, more than `max_image_pixels` by its header),
@@ -34,15 +40,13 @@ reason in `status`.
 import base64
 import binascii
 import dataclasses
-import datetime
-import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from tf_landmarks import data
-from tf_landmarks import errors
+from tf_landmarks import exports
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
 from tf_landmarks import indexes
@@ -54,25 +58,14 @@ from tf_landmarks.models import classifier as classifier_lib
 from tf_landmarks.models import delf as delf_model
 from tf_landmarks.settings import setting
 
-FORMAT = 'tf-landmarks export v1'
-EXPORT_JSON = 'export.json'
-CLASSIFIER_DIR = 'classifier'
-DELF_DIR = 'delf'
-INDEX_DIR = 'index'
-VERSION = '1'
-SERVING_SIGNATURE = 'serving_default'
-IMAGES_SIGNATURE = 'predict_images'
-BYTES_INPUT = 'images'
-OUTPUT_NAMES = ('landmark_ids', 'scores', 'embeddings', 'status')
-OK = 'ok'
 # Decoding codes of the tf.data pipeline; an item that fails to decode does not come out at all.
 _DECODED, _TOO_SMALL, _TOO_MANY_PIXELS = 0, 1, 2
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-class ExportError(errors.UserError):
-  """The export cannot be made as asked; the message says what to change."""
+# One error for the stage and the artifact it writes.
+ExportError = exports.ExportError
 
 
 @dataclasses.dataclass
@@ -178,7 +171,7 @@ class _ClassifierModule(tf.Module):
                                decode)
     return position, crop, code, size
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=exports.BYTES_INPUT)])
   def serve_bytes(self, images):
     """Landmarks of a batch of encoded images; see the module docstring."""
     count = tf.shape(images)[0]
@@ -223,11 +216,11 @@ class _ClassifierModule(tf.Module):
     status = tf.where(lengths > self._max_image_bytes,
                       f'more than {self._max_image_bytes} bytes', status)
     status = tf.where(lengths == 0, 'empty', status)
-    result['status'] = tf.where(usable, OK, status)
+    result['status'] = tf.where(usable, exports.OK, status)
     return result
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
-                                              name=BYTES_INPUT)])
+                                              name=exports.BYTES_INPUT)])
   def serve_images(self, images):
     """Landmarks of a batch of float RGB images in [0, 255] (any size, cropped here)."""
     pixels = tf.clip_by_value(images, 0.0, 255.0)
@@ -256,8 +249,8 @@ def save_classifier(model: classifier_lib.LandmarkClassifier, landmark_ids: Sequ
                              top_k=top_k, max_image_bytes=max_image_bytes,
                              max_image_pixels=max_image_pixels)
   tf.saved_model.save(module, path, signatures={
-      SERVING_SIGNATURE: module.serve_bytes.get_concrete_function(),
-      IMAGES_SIGNATURE: module.serve_images.get_concrete_function()})
+      exports.SERVING_SIGNATURE: module.serve_bytes.get_concrete_function(),
+      exports.IMAGES_SIGNATURE: module.serve_images.get_concrete_function()})
 
 
 # --- TF Serving's REST format ----------------------------------------------------------------
@@ -310,13 +303,14 @@ def rest_body_to_inputs(body: Mapping[str, Any], input_names: Sequence[str]) -> 
 
 
 def _copy_tree(source: str, target: str) -> None:
-  """Copies a folder recursively with tf.io.gfile (local or gs://)."""
+  """Copies a folder recursively with tf.io.gfile (local or gs://), but its lock and stamps."""
   for folder, _, names in tf.io.gfile.walk(source):
     relative = folder[len(source):].lstrip('/')
     destination = files.join(target, relative) if relative else target
     tf.io.gfile.makedirs(destination)
     for name in names:
-      tf.io.gfile.copy(files.join(folder, name), files.join(destination, name), overwrite=True)
+      if not name.startswith('.'):
+        tf.io.gfile.copy(files.join(folder, name), files.join(destination, name), overwrite=True)
 
 
 def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[indexes.Index]:
@@ -334,11 +328,28 @@ def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[indexes.
   return opened
 
 
-def export(config: ExportConfig) -> dict:
-  """Writes the export described in the module docstring.
+def _prepare_output(config: ExportConfig) -> None:
+  """Empties --output_dir (with --overwrite) but its lock, held by this export."""
+  output_dir = config.output_dir
+  taken = [name for name in tf.io.gfile.listdir(output_dir) if name != files.LOCK_FILE]
+  if not taken:
+    return
+  if not config.overwrite:
+    raise ExportError(f'--output_dir={output_dir} is not empty; choose another folder or pass '
+                      '--overwrite')
+  for name in taken:
+    path = files.join(output_dir, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+
+
+def export(config: ExportConfig) -> exports.Export:
+  """Writes the export described in the module docstring (one `tfl-export` per folder at a time).
 
   Returns:
-    The export description, also written to `<output_dir>/export.json`.
+    The export, as `exports.load` reads it back.
 
   Raises:
     ExportError, indexes.LandmarkIndexError, records.RecordsError: unusable runs, index or output
@@ -371,14 +382,17 @@ def export(config: ExportConfig) -> dict:
   output_dir = config.output_dir
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise ExportError(f'--output_dir={output_dir} is a file, not a folder')
-  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
-    if not config.overwrite:
-      raise ExportError(f'--output_dir={output_dir} is not empty; choose another folder or pass '
-                        '--overwrite')
-    tf.io.gfile.rmtree(output_dir)
   tf.io.gfile.makedirs(output_dir)
+  with files.exclusive_writer(output_dir, 'tfl-export', ExportError):
+    _prepare_output(config)
+    return _write(config, run, model, label_map, build, model_sha256, opened_index, delf_run)
 
-  classifier_path = files.join(output_dir, CLASSIFIER_DIR, VERSION)
+
+def _write(config: ExportConfig, run: runs.Run, model, label_map, build: dict, model_sha256: str,
+           opened_index: Optional[indexes.Index], delf_run: Optional[str]) -> exports.Export:
+  """Writes the parts into the emptied --output_dir, then export.json."""
+  output_dir = config.output_dir
+  classifier_path = exports.classifier_path(output_dir)
   landmark_ids = [landmark_id for _, landmark_id, _ in label_map]
   max_image_side = int(build.get('max_image_size') or 0)
   min_image_side = int(build.get('min_image_side') or images_lib.MIN_IMAGE_SIDE)
@@ -391,52 +405,34 @@ def export(config: ExportConfig) -> dict:
   tf.io.gfile.makedirs(files.join(classifier_path, 'assets.extra'))
   tf.io.gfile.copy(files.join(config.run, records_lib.LABEL_MAP),
                    files.join(classifier_path, 'assets.extra', records_lib.LABEL_MAP))
-  description = {
-      'format': FORMAT,
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'classifier': {
-          'path': f'{CLASSIFIER_DIR}/{VERSION}', 'run': config.run,
-          'run_model_sha256': model_sha256,
-          'backbone': run.backbone, 'head': run.metadata.get('head'), 'image_size': run.image_size,
-          'num_classes': run.num_classes, 'top_k': min(config.top_k, run.num_classes),
-          'signatures': {
-              SERVING_SIGNATURE: {'inputs': {BYTES_INPUT: 'string [B] (encoded JPEG/PNG)'},
-                                  'outputs': list(OUTPUT_NAMES)},
-              IMAGES_SIGNATURE: {'inputs': {BYTES_INPUT: 'float32 [B, H, W, 3] in [0, 255]'},
-                                 'outputs': list(OUTPUT_NAMES[:3])}},
-          'max_image_side': max_image_side, 'min_image_side': min_image_side,
-          'jpeg_quality': jpeg_quality,
-          'max_image_bytes': config.max_image_bytes, 'max_image_pixels': config.max_image_pixels,
-      },
-      'records_dir': run.records_dir,
-      'delf': None, 'index': None,
-  }
+  classifier = exports.ClassifierPart(
+      path=classifier_path, run=config.run, run_model_sha256=model_sha256,
+      backbone=run.backbone, head=run.metadata.get('head'), image_size=run.image_size,
+      num_classes=run.num_classes, top_k=min(config.top_k, run.num_classes),
+      max_image_side=max_image_side, min_image_side=min_image_side, jpeg_quality=jpeg_quality,
+      max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels)
+  delf = index = None
   if opened_index is not None:
     local = opened_index.metadata['local']
-    if backend == 'delf':
-      delf = runs.load_delf_run(delf_run).load_model(delf_model.DelfModel)
-      delf_features.export_saved_model(delf, files.join(output_dir, DELF_DIR, VERSION),
-                                       pca=opened_index.pca())
-      description['delf'] = {
-          'path': f'{DELF_DIR}/{VERSION}', 'run': delf_run,
-          'delf_model_sha256': opened_index.metadata['delf_model_sha256'],
-          'scales': local['delf_scales'], 'max_feature_num': local['max_features'],
-          'abs_threshold': local['delf_abs_threshold'], 'pca': bool(local['pca']),
-          'inputs': list(delf_features.INPUT_NAMES), 'outputs': list(delf_features.OUTPUT_NAMES)}
-    _copy_tree(opened_index.path, files.join(output_dir, INDEX_DIR))
+    if local['backend'] == 'delf':
+      delf_path = exports.delf_path(output_dir)
+      delf_features.export_saved_model(
+          runs.load_delf_run(delf_run).load_model(delf_model.DelfModel), delf_path,
+          pca=opened_index.pca())
+      delf = exports.DelfPart(
+          path=delf_path, run=delf_run,
+          delf_model_sha256=opened_index.metadata['delf_model_sha256'],
+          scales=tuple(local['delf_scales']), max_feature_num=local['max_features'],
+          abs_threshold=local['delf_abs_threshold'], pca=bool(local['pca']))
+    index_path = exports.index_path(output_dir)
+    _copy_tree(opened_index.path, index_path)
+    # The copy is checked in full (every file's digest, no NaN or infinity) before export.json's
+    # checksums vouch for it: a damaged index must not be exported as if it were whole.
+    indexes.load(index_path, verify=True)
     counts = opened_index.metadata['counts']
-    description['index'] = {'path': INDEX_DIR, 'source': opened_index.path,
-                            'local_features': backend, 'images': counts['images'],
-                            'landmarks': counts['landmarks'],
-                            'global_dim': opened_index.metadata['global']['dim']}
-  files.write_atomically(files.join(output_dir, EXPORT_JSON), json.dumps(description, indent=1))
-  return description
-
-
-def read_export(path: str) -> dict:
-  """export.json of a finished export, checked; raises ExportError."""
-  if not tf.io.gfile.exists(files.join(path, EXPORT_JSON)):
-    raise ExportError(f'{path} is not a finished export (no {EXPORT_JSON}); make one with '
-                      'tfl-export')
-  return files.read_versioned_json(files.join(path, EXPORT_JSON), FORMAT, 'an export',
-                                   'export it again with tfl-export', ExportError)
+    index = exports.IndexPart(path=index_path, source=opened_index.path,
+                              local_features=local['backend'], images=counts['images'],
+                              landmarks=counts['landmarks'],
+                              global_dim=opened_index.metadata['global']['dim'])
+  return exports.write(output_dir, classifier=classifier, delf=delf, index=index,
+                       records_dir=run.records_dir)

@@ -350,6 +350,14 @@ def distorted_copy(jpeg: bytes, seed: int, jpeg_quality: int = JPEG_QUALITY) -> 
   return encode_jpeg(image, jpeg_quality)
 
 
+def image_paths(image_dir: str, image_id: str) -> List[str]:
+  """Where an image may be: `<dir>/<id>.jpg`, or DELF's nested `<dir>/a/b/c/<id>.jpg`."""
+  flat = files.join(image_dir, f'{image_id}.jpg')
+  if len(image_id) < 3:
+    return [flat]
+  return [flat, files.join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
+
+
 def _prepare_first_existing(candidate_paths: Sequence[str], max_side: int, jpeg_quality: int,
                             min_side: int, max_file_bytes: int) -> tuple[str, bytes, PreparedImage]:
   """`prepare_image` on the first of `candidate_paths` that exists: (its path, bytes, result)."""

@@ -150,14 +150,6 @@ class Row:
   landmark_id: Optional[int]
 
 
-def image_paths(image_dir: str, image_id: str) -> List[str]:
-  """Where an image may be: `<dir>/<id>.jpg`, or DELF's nested `<dir>/a/b/c/<id>.jpg`."""
-  flat = files.join(image_dir, f'{image_id}.jpg')
-  if len(image_id) < 3:
-    return [flat]
-  return [flat, files.join(image_dir, image_id[0], image_id[1], image_id[2], f'{image_id}.jpg')]
-
-
 def _previous_fingerprint(config: BuildConfig, complete: bool) -> Optional[dict]:
   """The fingerprint of the build already in `output_dir`, if it recorded one."""
   if complete:
@@ -291,8 +283,8 @@ def _check_some_images_exist(image_dir: str, rows: Sequence[Row]) -> None:
   """Fails fast, before hours of work, when --image_dir is plainly wrong."""
   sample = random.Random(0).sample(list(rows), min(len(rows), 50))
   if not any(tf.io.gfile.exists(path)
-             for row in sample for path in image_paths(image_dir, row.image_id)):
-    example = image_paths(image_dir, sample[0].image_id)
+             for row in sample for path in images.image_paths(image_dir, row.image_id)):
+    example = images.image_paths(image_dir, sample[0].image_id)
     raise BuildError(f'none of {len(sample)} sampled images was found under '
                      f'--image_dir={image_dir} (looked for e.g. {" and ".join(example)}).')
 
@@ -367,7 +359,8 @@ def _stage(config: BuildConfig, image_dir: str, rows: Sequence[Row]) -> None:
   name_unchanged_files = not files.is_remote(image_dir)
 
   def job(chunk_index: int):
-    return (chunk_index, [image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
+    return (chunk_index,
+            [images.image_paths(image_dir, row.image_id) for row in chunks[chunk_index]],
             config.max_image_size, config.jpeg_quality, config.min_image_side,
             config.max_file_bytes, name_unchanged_files)
 

@@ -118,7 +118,7 @@ class _PrepareImage(beam.DoFn):
     # The local build's worker function, on a chunk of one image: the same checks and bytes.
     # Unchanged images travel as bytes (never named by path): a worker elsewhere writes the shard.
     (result,) = images.prepare_image_files(
-        [ingest.image_paths(self._image_dir, image_id)], config.max_image_size,
+        [images.image_paths(self._image_dir, image_id)], config.max_image_size,
         config.jpeg_quality, config.min_image_side, config.max_file_bytes)
     if isinstance(result, str):
       Metrics.counter(NAMESPACE, 'images_unusable').inc()

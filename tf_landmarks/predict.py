@@ -1,20 +1,10 @@
 """Two-stage prediction: classify (or vote over neighbours), then verify with local features.
 
 `predict(PredictConfig)` reads the queries (a test CSV + image folder, or the test shards of a
-records folder), runs them through an export (`tfl-export`), and writes into `--output_dir`:
-
-  predictions.jsonl      one JSON object per query, appended as each finishes (the journal a re-run
-                         continues from; see `Journal`): {"id", "status" ("ok" or why the image
-                         could not be used), "prediction" [landmark_id, score] or null,
-                         "unverified" [landmark_id, score] or null (the first stage's answer),
-                         "candidates" [{"landmark_id", "first_stage", "inliers", "index_image",
-                         "comparisons"}] (the classes verified, in first-stage order),
-                         "retrieval" [index image ids], "seconds", "timing" {stage: seconds}}.
-  recognition.csv        the Kaggle recognition submission (id,landmarks "<landmark_id> <score>").
-  recognition_unverified.csv   the same queries answered by the first stage alone, for comparison.
-  retrieval.csv          the Kaggle retrieval submission (id,images: up to 100 index image ids).
-  predict.log            one line per query: its answer and where its time went.
-  predict.json           the export, queries and settings; "finished" once the CSVs are written.
+records folder), runs them through an export (`tfl-export`, opened and checked with
+`exports.load`), and writes the predictions folder `tf_landmarks/predictions.py` describes into
+`--output_dir`: the journal (predictions.jsonl) a re-run continues from, the Kaggle submissions,
+predict.log and predict.json. One `tfl-predict` writes a folder at a time.
 
 Recognition. The first stage proposes landmarks: `classifier` (the export's softmax), `knn` (the
 landmarks of the query's nearest index images by global descriptor, each with the cosine
@@ -22,8 +12,9 @@ similarity of its nearest image: a landmark with a single index image is as reac
 one) or `both` (the mean of the two, per landmark). The `--verify_top_k` best proposals are
 verified: the query's local features are matched (nearest neighbours, ratio test, mutual check)
 against up to `--max_verifications` index images of each landmark, nearest first by global
-descriptor, and an affine RANSAC counts the inliers; a landmark stops being checked once one of its
-images reaches `--min_inliers`. The answer is the verified landmark with the most inliers, scored
+descriptor, and an affine RANSAC counts the inliers; a pair is accepted by `ransac.accept` (at
+least `--min_inliers` inliers), and a landmark stops being checked once one of its images is. The
+answer is the verified landmark with the most inliers, scored
 in [1, 2) (`verified_score`), so every verified answer ranks above every unverified one. Without a
 verified landmark the first stage's best is kept with a score of `--unverified_weight` × its
 confidence (at most 0.1 by default): queries without a landmark, or with a landmark the index does
@@ -33,7 +24,8 @@ least.
 Retrieval. The query's `--retrieval_depth` nearest index images by global descriptor, the first
 `--rerank` of them verified (reusing recognition's verifications): those with at least
 `--min_inliers` inliers, and the index image that verified the recognised landmark wherever the
-search put it, move to the front, most inliers first (`retrieval_order`).
+search put it, move to the front, most inliers first (`retrieval_order`). A row never lists an
+image id twice.
 
 Query images are prepared as the records build prepared the index images (long side capped at the
 build's `max_image_size`, JPEG-encoded), so local features of both live at the same scale.
@@ -42,8 +34,6 @@ build's `max_image_size`, JPEG-encoded), so local features of both live at the s
 import collections
 import dataclasses
 import datetime
-import functools
-import json
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -53,31 +43,22 @@ import tqdm
 
 from tf_landmarks import csv_io
 from tf_landmarks import errors
-from tf_landmarks import export as export_lib
+from tf_landmarks import exports
 from tf_landmarks import files
 from tf_landmarks import images as images_lib
 from tf_landmarks import indexes
-from tf_landmarks import ingest
+from tf_landmarks import predictions
 from tf_landmarks import records as records_lib
 from tf_landmarks import schema
 from tf_landmarks import settings
 from tf_landmarks import submission
 from tf_landmarks.local_features import LocalFeatures
 from tf_landmarks.local_features import delf as delf_features
-from tf_landmarks.local_features import draw
 from tf_landmarks.local_features import evaluate as pair_evaluation
 from tf_landmarks.local_features import extractor as extractor_lib
+from tf_landmarks.local_features import ransac
 from tf_landmarks.settings import setting
 
-# The folder's format, predict.json and the submissions' names belong to submission.py, which reads
-# them back; the journal and the log are this module's own.
-FORMAT = submission.PREDICTIONS_FORMAT
-PREDICT_JSON = submission.PREDICTIONS_JSON
-RECOGNITION_CSV = submission.RECOGNITION_CSV
-UNVERIFIED_CSV = submission.UNVERIFIED_RECOGNITION_CSV
-RETRIEVAL_CSV = submission.RETRIEVAL_CSV
-JOURNAL = 'predictions.jsonl'
-LOG = 'predict.log'
 FIRST_STAGES = ('classifier', 'knn', 'both')
 
 
@@ -139,6 +120,9 @@ class PredictConfig:
   overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
                             'with other settings.', runtime=True)
   progress: bool = setting(True, 'Show a progress bar.', runtime=True)
+  verify: bool = setting(False, 'Hash every file of the export before using it (by default '
+                         'sizes are checked on every run, digests when the files changed since '
+                         'the last full check).', runtime=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +210,7 @@ def _csv_queries(config: PredictConfig, max_side: int, jpeg_quality: int,
         continue
       try:
         prepared = images_lib.prepare_image_file(
-            ingest.image_paths(config.image_dir, row.image_id), max_side=max_side,
+            images_lib.image_paths(config.image_dir, row.image_id), max_side=max_side,
             jpeg_quality=jpeg_quality, min_side=min_side)
       except images_lib.ImageError as error:
         yield row.image_id, Query(row.image_id, None, str(error))
@@ -261,14 +245,14 @@ def _record_queries(records_dir: str) -> Tuple[int, QueryReader, List[csv_io.Ski
   return records.num_examples('test'), read, []
 
 
-def _query_reader(config: PredictConfig,
-                  description: dict) -> Tuple[int, QueryReader, List[csv_io.SkippedRow]]:
+def query_reader(config: PredictConfig,
+                 export: exports.Export) -> Tuple[int, QueryReader, List[csv_io.SkippedRow]]:
   """The queries `config` names, prepared as the export's records build prepared its images."""
   if not config.test_csv:
-    return _record_queries(config.test_records or description['records_dir'])
-  classifier = description['classifier']
-  return _csv_queries(config, classifier['max_image_side'], classifier['jpeg_quality'],
-                      classifier['min_image_side'])
+    return _record_queries(config.test_records or export.records_dir)
+  classifier = export.classifier
+  return _csv_queries(config, classifier.max_image_side, classifier.jpeg_quality,
+                      classifier.min_image_side)
 
 
 # --- Verification ----------------------------------------------------------------------------
@@ -293,20 +277,20 @@ class Verifier:
     return pair_evaluation.verify_pair(query, self.index.local_features(row), self.pair_settings)
 
 
-def open_verifier(export_dir: str, description: dict, config: PredictConfig) -> Optional[Verifier]:
+def open_verifier(export: exports.Export, config: PredictConfig) -> Optional[Verifier]:
   """The export's index and extractor (None for an export without an index)."""
-  if not description['index']:
+  if export.index is None:
     return None
-  index = indexes.load(files.join(export_dir, description['index']['path']))
+  index = indexes.load(export.index.path, verify=config.verify)
   local = index.metadata['local']
   if local['backend'] == 'sift':
     extract = extractor_lib.make_local_extractor('sift', max_features=local['max_features'])
   else:
-    delf = description['delf']
+    delf = export.delf
     try:
       extract = delf_features.load_saved_model(
-          files.join(export_dir, delf['path']), scales=delf['scales'],
-          max_feature_num=delf['max_feature_num'], abs_threshold=delf['abs_threshold'])
+          delf.path, scales=list(delf.scales), max_feature_num=delf.max_feature_num,
+          abs_threshold=delf.abs_threshold)
     except delf_features.DelfError as error:
       raise PredictError(str(error)) from None
   pair_settings = pair_evaluation.VerifySettings(
@@ -378,7 +362,8 @@ class _QueryPredictor:
       features = self.verifier.extract(tf.io.decode_jpeg(query.jpeg, channels=3).numpy())
       timing['extract'] = time.perf_counter() - started
     started = time.perf_counter()
-    inliers_of: Dict[int, int] = {}  # index row → inliers, shared with retrieval
+    # index row → its check, shared with retrieval.
+    verified_rows: Dict[int, ransac.Verification] = {}
     query_descriptor = np.asarray(embedding, np.float32)
     best, answer_row = None, None
     for landmark, first_stage in self._to_verify(proposals, query_descriptor, neighbours[1]):
@@ -391,22 +376,23 @@ class _QueryPredictor:
       candidate_row = None
       for row in rows:
         _, verification = self.verifier.verify(features, int(row))
-        inliers_of[int(row)] = verification.num_inliers
+        verified_rows[int(row)] = verification
         candidate['comparisons'] += 1
         if verification.num_inliers > candidate['inliers'] or candidate['index_image'] is None:
           candidate['inliers'] = verification.num_inliers
           candidate['index_image'] = index.image_id(int(row))
           candidate_row = int(row)
-        if verification.num_inliers >= config.min_inliers:
+        if ransac.accept(verification, config.min_inliers):
           break
       entry['candidates'].append(candidate)
-      if candidate['inliers'] >= config.min_inliers and (
+      if candidate_row is not None and ransac.accept(verified_rows[candidate_row],
+                                                     config.min_inliers) and (
           best is None or candidate['inliers'] > best['inliers']):
         best, answer_row = candidate, candidate_row
     timing['verify'] = time.perf_counter() - started
     started = time.perf_counter()
     entry['retrieval'] = self._retrieval(features, neighbours[1][:config.retrieval_depth],
-                                         inliers_of, answer_row)
+                                         verified_rows, answer_row)
     timing['retrieval'] = time.perf_counter() - started
     if best is None:
       return None
@@ -444,129 +430,76 @@ class _QueryPredictor:
     return chosen
 
   def _retrieval(self, features: Optional[LocalFeatures], nearest_rows: np.ndarray,
-                 inliers_of: Dict[int, int], answer_row: Optional[int]) -> List[str]:
+                 verified_rows: Dict[int, ransac.Verification],
+                 answer_row: Optional[int]) -> List[str]:
     index, config = self.verifier.index, self.config
     rows = [int(row) for row in nearest_rows if row >= 0]
     verified = {}
     for row in rows[:config.rerank] if features is not None else ():
-      if row not in inliers_of:
-        inliers_of[row] = self.verifier.verify(features, row)[1].num_inliers
-      verified[row] = inliers_of[row]
+      if row not in verified_rows:
+        verified_rows[row] = self.verifier.verify(features, row)[1]
+      verified[row] = verified_rows[row]
     # Of recognition's matches beyond the window only the answer's image joins: recognition checks
     # every proposed landmark and stops at its first match, so the other landmarks' matches are
     # mostly false ones; promoting them all cost mAP@100 on the real photos (BUILD_NOTES.md).
     if answer_row is not None:
-      verified[answer_row] = inliers_of[answer_row]
-    ordered = retrieval_order(rows, verified, config.min_inliers)[:config.retrieval_depth]
-    return [index.image_id(row) for row in ordered]
+      verified[answer_row] = verified_rows[answer_row]
+    ordered = retrieval_order(rows, verified, config.min_inliers, index.image_id)
+    return [index.image_id(row) for row in ordered[:config.retrieval_depth]]
 
 
-def retrieval_order(nearest_rows: Sequence[int], inliers_of: Dict[int, int],
-                    min_inliers: int) -> List[int]:
+def retrieval_order(nearest_rows: Sequence[int], verified: Dict[int, ransac.Verification],
+                    min_inliers: int, image_id: Callable[[int], str]) -> List[int]:
   """Index rows for retrieval: the verified matches first, then the nearest rows in their order.
 
-  A match is a row with at least `min_inliers` inliers. It may lie beyond `nearest_rows` (the
-  recognised landmark's image, found by checking that landmark's images nearest first): a geometric
-  match is stronger evidence than global similarity, so it is listed however low the search put it.
+  A match is a row `ransac.accept` accepts (at least `min_inliers` inliers). It may lie beyond
+  `nearest_rows` (the recognised landmark's image, found by checking that landmark's images nearest
+  first): a geometric match is stronger evidence than global similarity, so it is listed however
+  low the search put it. An image held twice by the index (under one id in two rows) is listed
+  once, where it first comes: a retrieval row that repeats an id wastes a place of the 100 scored.
 
   Args:
     nearest_rows: index rows by descending global similarity.
-    inliers_of: index row → RANSAC inliers, for the rows verified.
+    verified: index row → its Verification, for the rows verified.
     min_inliers: inliers a verified match needs.
+    image_id: index row → its image id.
 
   Returns:
     The matches by descending inliers (ties: the nearer row first, then rows outside
-    `nearest_rows` by row number), then the remaining `nearest_rows`.
+    `nearest_rows` by row number), then the remaining `nearest_rows`; of rows with the same image
+    id, only the first.
   """
   position = {row: i for i, row in enumerate(nearest_rows)}
-  matches = sorted((row for row, inliers in inliers_of.items() if inliers >= min_inliers),
-                   key=lambda row: (-inliers_of[row], position.get(row, len(position)), row))
+  matches = sorted((row for row, verification in verified.items()
+                    if ransac.accept(verification, min_inliers)),
+                   key=lambda row: (-verified[row].num_inliers,
+                                    position.get(row, len(position)), row))
   matched = set(matches)
-  return matches + [row for row in nearest_rows if row not in matched]
-
-
-# --- The journal -----------------------------------------------------------------------------
-
-
-_ENTRY_KEYS = {'id', 'status', 'prediction', 'unverified', 'candidates', 'retrieval', 'seconds',
-               'timing'}
-
-
-class Journal:
-  """predictions.jsonl: one line per finished query, flushed as written, read back on a re-run.
-
-  A line cut short by a kill (or otherwise not a whole entry) ends what is read: the file is
-  truncated after the last whole line, so a re-run redoes exactly the queries after it.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-    self.entries: Dict[str, dict] = {}
-    if tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        content = f.read()
-      good_length = 0
-      for line in content.splitlines(keepends=True):
-        try:
-          entry = json.loads(line)
-        except ValueError:
-          break
-        if not line.endswith(b'\n') or not isinstance(entry, dict) or \
-            not _ENTRY_KEYS <= set(entry):
-          break
-        self.entries[entry['id']] = entry
-        good_length += len(line)
-      if good_length < len(content):
-        files.write_atomically(path, content[:good_length])
-    self._file = None
-
-  def append(self, entry: dict) -> None:
-    if self._file is None:
-      # Local files are appended to in place (a kill loses at most the line being written);
-      # tf.io.gfile cannot append to gs://, where the journal is rewritten by close().
-      self._file = open(self.path, 'ab') if not files.is_remote(self.path) else None
-    line = (json.dumps(entry, sort_keys=True) + '\n').encode()
-    self.entries[entry['id']] = entry
-    if self._file is not None:
-      self._file.write(line)
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    elif files.is_remote(self.path):
-      files.write_atomically(self.path, b''.join(
-          (json.dumps(entry, sort_keys=True) + '\n').encode() for entry in self.entries.values()))
+  ordered, listed = [], set()
+  for row in matches + [row for row in nearest_rows if row not in matched]:
+    if image_id(row) not in listed:
+      listed.add(image_id(row))
+      ordered.append(row)
+  return ordered
 
 
 # --- The whole run ---------------------------------------------------------------------------
 
 
-def _fingerprint(config: PredictConfig, description: dict) -> dict:
-  return {**settings.fingerprint(config), 'export_created': description['created'],
-          'classifier_sha256': description['classifier']['run_model_sha256']}
+def _fingerprint(config: PredictConfig, export: exports.Export) -> dict:
+  return {**settings.fingerprint(config), 'export_created': export.created,
+          'classifier_sha256': export.classifier.run_model_sha256}
 
 
 def _prepare_output(config: PredictConfig, fingerprint: dict) -> None:
-  output_dir = config.output_dir
-  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
-    raise PredictError(f'--output_dir={output_dir} is a file, not a folder')
-  meta_path = files.join(output_dir, PREDICT_JSON)
-  if tf.io.gfile.exists(meta_path):
-    previous = files.read_versioned_json(meta_path, FORMAT, 'predictions', 'pass --overwrite',
-                                         PredictError)
-    if previous.get('fingerprint') != fingerprint:
-      if not config.overwrite:
-        raise PredictError(f'{output_dir} holds predictions made with other settings or another '
-                           'export; pass --overwrite to start again, or choose another folder')
-      for name in (JOURNAL, RECOGNITION_CSV, UNVERIFIED_CSV, RETRIEVAL_CSV, LOG, PREDICT_JSON):
-        if tf.io.gfile.exists(files.join(output_dir, name)):
-          tf.io.gfile.remove(files.join(output_dir, name))
-  elif tf.io.gfile.exists(files.join(output_dir, JOURNAL)):
-    raise PredictError(f'{output_dir} holds a predictions.jsonl without predict.json; remove it '
-                       'or choose another folder')
-  tf.io.gfile.makedirs(output_dir)
+  """Checks what --output_dir holds (the caller holds its lock); starts again with --overwrite."""
+  previous = predictions.read_started(config.output_dir)
+  if previous is not None and previous.get('fingerprint') != fingerprint:
+    if not config.overwrite:
+      raise PredictError(f'{config.output_dir} holds predictions made with other settings or '
+                         'another export; pass --overwrite to start again, or choose another '
+                         'folder')
+    predictions.clear(config.output_dir)
 
 
 def _batches(queries: Iterable[Query], size: int) -> Iterator[List[Query]]:
@@ -597,33 +530,43 @@ def predict(config: PredictConfig) -> dict:
     where the submissions are.
 
   Raises:
-    PredictError, export.ExportError, indexes.LandmarkIndexError, csv_io.CsvError: unusable
-      settings, export, queries or output folder.
+    PredictError, exports.ExportError, predictions.PredictionsError, indexes.LandmarkIndexError,
+      csv_io.CsvError: unusable settings, export, queries or output folder.
   """
   settings.check(config)
   if not config.export or not config.output_dir:
     raise PredictError('give --export=<tfl-export folder> and --output_dir')
-  description = export_lib.read_export(config.export)
-  total, read_queries, skipped = _query_reader(config, description)
+  export = exports.load(config.export, verify=config.verify)
+  total, read_queries, skipped = query_reader(config, export)
   for row in skipped:
     print(f'{config.test_csv}: skipped line {row.line}: {row.reason}')
-  fingerprint = _fingerprint(config, description)
+  output_dir = config.output_dir
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise PredictError(f'--output_dir={output_dir} is a file, not a folder')
+  tf.io.gfile.makedirs(output_dir)
+  with files.exclusive_writer(output_dir, 'tfl-predict', PredictError):
+    return _predict(config, export, total, read_queries)
+
+
+def _predict(config: PredictConfig, export: exports.Export, total: int,
+             read_queries: QueryReader) -> dict:
+  """The prediction into --output_dir, whose lock the caller holds."""
+  fingerprint = _fingerprint(config, export)
   _prepare_output(config, fingerprint)
-  meta = {'format': FORMAT, 'export': config.export, 'records_dir': description['records_dir'],
+  meta = {'export': config.export, 'records_dir': export.records_dir,
           'queries': {'test_csv': config.test_csv, 'image_dir': config.image_dir,
                       'test_records': None if config.test_csv else
-                      (config.test_records or description['records_dir'])},
-          'index': description['index'], 'fingerprint': fingerprint,
-          'settings': settings.as_dict(config), 'finished': False}
-  files.write_atomically(files.join(config.output_dir, PREDICT_JSON), json.dumps(meta, indent=1))
+                      (config.test_records or export.records_dir)},
+          'index': export.index_json(), 'fingerprint': fingerprint,
+          'settings': settings.as_dict(config)}
+  predictions.start(config.output_dir, meta)
 
-  verifier = open_verifier(config.export, description, config)
+  verifier = open_verifier(export, config)
   if verifier is None and config.first_stage != 'classifier':
     raise PredictError(f'--first_stage={config.first_stage} needs an index in the export')
   predictor = _QueryPredictor(config, verifier)
-  loaded = tf.saved_model.load(files.join(config.export, description['classifier']['path']))
-  serve = loaded.signatures[export_lib.SERVING_SIGNATURE]
-  journal = Journal(files.join(config.output_dir, JOURNAL))
+  serve = tf.saved_model.load(export.classifier.path).signatures[exports.SERVING_SIGNATURE]
+  journal = predictions.Journal(files.join(config.output_dir, predictions.JOURNAL))
   done = len(journal.entries)
   if done:
     print(f'resuming: {done} of {total} queries already predicted')
@@ -636,9 +579,9 @@ def predict(config: PredictConfig) -> dict:
       if query is not None:
         yield query
   try:
-    with tf.io.gfile.GFile(files.join(config.output_dir, LOG), log_mode) as log, tqdm.tqdm(
-        total=total, initial=done, unit='query', desc='predict',
-        disable=not config.progress) as bar:
+    with tf.io.gfile.GFile(files.join(config.output_dir, predictions.LOG), log_mode) as log, \
+        tqdm.tqdm(total=total, initial=done, unit='query', desc='predict',
+                  disable=not config.progress) as bar:
       for batch in _batches(pending(), config.batch_size):
         usable = [query for query in batch if query.jpeg is not None]
         started = time.perf_counter()
@@ -661,26 +604,10 @@ def predict(config: PredictConfig) -> dict:
         log.flush()
   finally:
     journal.close()
-  return _finish(config, meta, ids, journal.entries)
-
-
-def _finish(config: PredictConfig, meta: dict, ids: Sequence[str], entries: Dict[str, dict]):
-  """Writes the three submissions in query order, then predict.json marked finished."""
-  ordered = [entries[image_id] for image_id in ids]
-  submission.write_recognition_submission(
-      files.join(config.output_dir, RECOGNITION_CSV),
-      {entry['id']: tuple(entry['prediction']) if entry['prediction'] else None
-       for entry in ordered})
-  submission.write_recognition_submission(
-      files.join(config.output_dir, UNVERIFIED_CSV),
-      {entry['id']: tuple(entry['unverified']) if entry['unverified'] else None
-       for entry in ordered})
-  if meta['index']:
-    submission.write_retrieval_submission(files.join(config.output_dir, RETRIEVAL_CSV),
-                                          {entry['id']: entry['retrieval'] for entry in ordered})
+  ordered = [journal.entries[image_id] for image_id in ids]
   seconds = np.array([entry['seconds'] for entry in ordered]) if ordered else np.zeros(1)
   statuses = collections.Counter(entry['status'] for entry in ordered)
-  meta = {**meta, 'finished': True,
+  meta = {**meta,
           'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
           'counts': {'queries': len(ordered),
                      'unusable': sum(count for status, count in statuses.items() if status != 'ok'),
@@ -690,125 +617,5 @@ def _finish(config: PredictConfig, meta: dict, ids: Sequence[str], entries: Dict
           'statuses': dict(statuses),
           'seconds_per_query': {'median': float(np.median(seconds)),
                                 'p90': float(np.percentile(seconds, 90)),
-                                'total': float(seconds.sum())},
-          'submissions': {'recognition': RECOGNITION_CSV, 'recognition_unverified': UNVERIFIED_CSV,
-                          'retrieval': RETRIEVAL_CSV if meta['index'] else None}}
-  files.write_atomically(files.join(config.output_dir, PREDICT_JSON), json.dumps(meta, indent=1))
-  return meta
-
-
-# --- Match pictures for the report -----------------------------------------------------------
-
-
-def _stored_image(records: records_lib.Records, splits: Sequence[str],
-                  image_id: str) -> Optional[np.ndarray]:
-  """The stored (records) image `image_id`, looked up in the given splits' shards."""
-  wanted = image_id.encode()
-  for split in splits:
-    paths = records.files(split)
-    if not paths:
-      continue
-    for example in tf.data.TFRecordDataset(paths).map(schema.parse_example):
-      if example[schema.ID].numpy() == wanted:
-        return tf.io.decode_jpeg(example[schema.ENCODED], channels=3).numpy()
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Predicted:
-  """A finished prediction folder opened for drawing: its journal, export, verifier, queries,
-  and the records folder of the index images."""
-  entries: Dict[str, dict]
-  verifier: Verifier
-  read_queries: QueryReader
-  index_records: records_lib.Records
-
-
-@functools.lru_cache(maxsize=2)
-def _open_predicted(predictions_dir: str, meta_text: str) -> Optional[_Predicted]:
-  """Opens the folder once per report (keyed by predict.json's content, so a new run reopens it):
-  loading the export's index and DELF model for every picture would cost more than drawing."""
-  meta = json.loads(meta_text)
-  if not all(isinstance(meta.get(key), dict) for key in ('settings', 'queries')) or \
-      not meta.get('export'):
-    return None
-  description = export_lib.read_export(meta['export'])
-  names = {field.name for field in dataclasses.fields(PredictConfig)}
-  config = PredictConfig(**{key: value for key, value in meta['settings'].items() if key in names})
-  verifier = open_verifier(meta['export'], description, config)
-  if verifier is None:
-    return None
-  return _Predicted(Journal(files.join(predictions_dir, JOURNAL)).entries, verifier,
-                    _query_reader(config, description)[1],
-                    records_lib.load(verifier.index.metadata['records_dir']))
-
-
-def match_drawer(predictions_dir: str) -> Callable[[str, int, str], Optional[str]]:
-  """`draw_match` for the pictures of one predictions folder, its export and index opened now.
-
-  Opening them before the report is written lets a folder whose export has since been moved or
-  deleted be reported once, instead of failing half-way through the report.
-
-  Args:
-    predictions_dir: a finished `predict` output folder.
-
-  Returns:
-    draw(query_id, landmark_id, png_path) -> caption or None, as `draw_match`.
-
-  Raises:
-    PredictError, export.ExportError, indexes.LandmarkIndexError, records.RecordsError: the folder,
-      its export, the export's index or the index's records cannot be opened, or the export has
-      no index to draw matches from.
-  """
-  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
-                                   'predictions', 'predict again', PredictError)
-  if _open_predicted(predictions_dir, json.dumps(meta, sort_keys=True)) is None:
-    raise PredictError(f'{predictions_dir} names no export with an index to draw matches with')
-  return functools.partial(draw_match, predictions_dir)
-
-
-def draw_match(predictions_dir: str, query_id: str, landmark_id: int,
-               png_path: str) -> Optional[str]:
-  """Draws the query next to the index image of `landmark_id` it was verified against.
-
-  For the report's worst mistakes: the index image is the one recorded for that landmark in the
-  query's journal entry, or the landmark's first index image if it was not verified. The folder's
-  export and index are opened once for all the pictures of one folder.
-
-  Args:
-    predictions_dir: a finished `predict` output folder.
-    query_id: the query.
-    landmark_id: the landmark whose index image to show.
-    png_path: where the picture goes.
-
-  Returns:
-    A caption ("<inliers> inliers / <matches> matches with index image <id>"), or None when the
-    query, its image or the index image cannot be found.
-  """
-  meta = files.read_versioned_json(files.join(predictions_dir, PREDICT_JSON), FORMAT,
-                                   'predictions', 'predict again', PredictError)
-  predicted = _open_predicted(predictions_dir, json.dumps(meta, sort_keys=True))
-  entry = predicted.entries.get(query_id) if predicted else None
-  if entry is None or entry.get('status') != 'ok':
-    return None
-  index = predicted.verifier.index
-  rows = index.images_of(landmark_id)
-  recorded = next((candidate['index_image'] for candidate in entry['candidates']
-                   if candidate['landmark_id'] == landmark_id and candidate['index_image']), None)
-  row = next((int(r) for r in rows if index.image_id(int(r)) == recorded),
-             int(rows[0]) if len(rows) and recorded is None else None)
-  if row is None:
-    return None
-  query = next((query for _, query in predicted.read_queries(lambda i: i == query_id)
-                if query is not None), None)
-  index_picture = _stored_image(predicted.index_records, index.metadata['splits'],
-                                index.image_id(row))
-  if query is None or query.jpeg is None or index_picture is None:
-    return None
-  query_image = tf.io.decode_jpeg(query.jpeg, channels=3).numpy()
-  query_features = predicted.verifier.extract(query_image)
-  matches, verification = predicted.verifier.verify(query_features, row)
-  draw.draw_matches(query_image, index_picture, query_features, index.local_features(row),
-                    matches, verification.inlier_mask, png_path)
-  return (f'{verification.num_inliers} inliers / {len(matches)} matches with index image '
-          f'{index.image_id(row)} (landmark {landmark_id})')
+                                'total': float(seconds.sum())}}
+  return predictions.finish(config.output_dir, meta, ordered, with_retrieval=bool(meta['index']))

@@ -12,8 +12,8 @@ image ids, best first. Submissions are untrusted input: every malformed row is r
 line number, and nothing is scored until the file is clean (unreadable files and missing columns
 raise `csv_io.CsvError`, like the builder's CSVs). Scores are of all scored queries, and of the
 Public and Private ones apart (`"usage"`). Besides the challenge scores, `per_class_recognition`
-gives each landmark's precision, recall and F1. `open_predictions_folder` finds the submissions in
-the output folder of the prediction command.
+gives each landmark's precision, recall and F1. The prediction command's output folder, which holds
+such submissions, is `tf_landmarks/predictions.py`'s.
 """
 
 import dataclasses
@@ -22,7 +22,6 @@ from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Ma
                     Sequence, Tuple)
 
 import numpy as np
-import tensorflow as tf
 
 from tf_landmarks import csv_io
 from tf_landmarks import errors
@@ -32,12 +31,6 @@ from tf_landmarks import metrics
 RETRIEVAL_DEPTH = 100
 # The message is one line: a few problems, each with its value shortened, show what is wrong.
 _SHOWN_PROBLEMS = 3
-# The prediction command's output folder (tf_landmarks/predict.py writes it, this module reads it).
-PREDICTIONS_FORMAT = 'tf-landmarks predictions v1'
-PREDICTIONS_JSON = 'predict.json'
-RECOGNITION_CSV = 'recognition.csv'
-UNVERIFIED_RECOGNITION_CSV = 'recognition_unverified.csv'
-RETRIEVAL_CSV = 'retrieval.csv'
 
 # Kaggle's leaderboards, in the order they are shown, and the Usage of a test image not scored.
 PUBLIC, PRIVATE, IGNORED = 'Public', 'Private', 'Ignored'
@@ -442,53 +435,3 @@ def score_retrieval(rankings: Mapping[str, Sequence[str]],
           **_by_leaderboard(solution, lambda queries: score_retrieval(
               {query: rankings[query] for query in queries if query in rankings}, queries),
                             scorable=lambda queries: any(queries.values()))}
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictionsFolder:
-  """The submissions in the prediction command's output folder (None: the file is absent).
-
-  Attributes:
-    path: the folder.
-    records_dir: the records folder of the index it predicted against, from predict.json.
-    recognition: `recognition.csv`, the verified recognition submission.
-    unverified_recognition: `recognition_unverified.csv`, the same queries before local-feature
-      verification (first stage only).
-    retrieval: `retrieval.csv`.
-    first_stage: what proposed the landmarks (classifier, knn or both), from predict.json.
-  """
-  path: str
-  records_dir: Optional[str]
-  recognition: Optional[str]
-  unverified_recognition: Optional[str]
-  retrieval: Optional[str]
-  first_stage: Optional[str] = None
-
-
-def open_predictions_folder(path: str) -> PredictionsFolder:
-  """Checks predict.json of a prediction folder and finds its submission files.
-
-  Raises:
-    SubmissionError: no predict.json, one of another format, or an unfinished run.
-  """
-  manifest_path = files.join(path, PREDICTIONS_JSON)
-  if not tf.io.gfile.exists(manifest_path):
-    raise SubmissionError(f'{path} is not a predictions folder (no {PREDICTIONS_JSON})')
-  manifest = files.read_versioned_json(manifest_path, PREDICTIONS_FORMAT, 'a predictions folder',
-                                       'rerun the prediction command', SubmissionError)
-
-  def present(name: str) -> Optional[str]:
-    candidate = files.join(path, name)
-    return candidate if tf.io.gfile.exists(candidate) else None
-
-  if manifest.get('finished') is not True:
-    raise SubmissionError(f'{path} holds an unfinished prediction run; rerun the same tfl-predict '
-                          'command to finish it')
-  records_dir = manifest.get('records_dir')
-  first_stage = (manifest.get('settings') or {}).get('first_stage')
-  return PredictionsFolder(
-      first_stage=first_stage if isinstance(first_stage, str) else None,
-      path=path, records_dir=records_dir if isinstance(records_dir, str) and records_dir else None,
-      recognition=present(RECOGNITION_CSV),
-      unverified_recognition=present(UNVERIFIED_RECOGNITION_CSV),
-      retrieval=present(RETRIEVAL_CSV))

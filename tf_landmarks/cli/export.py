@@ -21,19 +21,18 @@ common.define_flags(export.ExportConfig)
 
 
 def main() -> int:
-  description = export.export(common.from_flags(export.ExportConfig))
-  output_dir = common.FLAGS.output_dir
-  classifier = description['classifier']
-  print(f'Wrote {output_dir}:')
-  print(f'  {classifier["path"]}: {classifier["backbone"]} at {classifier["image_size"]} px, '
-        f'{classifier["num_classes"]} landmarks, top {classifier["top_k"]} per image')
-  if description['delf']:
-    print(f'  {description["delf"]["path"]}: DELF extraction (scales '
-          f'{description["delf"]["scales"]}, PCA {description["delf"]["pca"]})')
-  if description['index']:
-    index = description['index']
-    print(f'  {index["path"]}: {index["images"]} images of {index["landmarks"]} landmarks, '
-          f'{index["local_features"]} local features')
+  written = export.export(common.from_flags(export.ExportConfig))
+  classifier = written.classifier
+  print(f'Wrote {written.path}:')
+  print(f'  {classifier.path}: {classifier.backbone} at {classifier.image_size} px, '
+        f'{classifier.num_classes} landmarks, top {classifier.top_k} per image')
+  if written.delf:
+    print(f'  {written.delf.path}: DELF extraction (scales {list(written.delf.scales)}, PCA '
+          f'{written.delf.pca})')
+  if written.index:
+    index = written.index
+    print(f'  {index.path}: {index.images} images of {index.landmarks} landmarks, '
+          f'{index.local_features} local features')
   else:
     print('  no index: verification and retrieval need one (tfl-build-index, then --index)')
   return 0
