@@ -17,6 +17,7 @@ evaluation) goes through `load`, so the format is checked in one place.
 
 import dataclasses
 import enum
+import json
 from typing import Any, Dict
 
 import tensorflow as tf
@@ -181,3 +182,9 @@ def load_delf_run(path: str, flag: str = 'delf_run') -> Run:
                    'the attention stage from it (tfl-train --mode=delf --delf_stage=attention '
                    f'--init_from={path})')
   return run
+
+
+def write_failed(workdir: str, metadata: dict, failure: str) -> None:
+  """Marks a run failed: run.json with status "failed" and the one-line cause; never usable."""
+  files.write_atomically(files.join(workdir, RUN_JSON), json.dumps(
+      {**metadata, 'format': FORMAT, 'status': 'failed', 'failure': failure}, indent=1, default=str))
