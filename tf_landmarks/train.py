@@ -619,7 +619,12 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
         else optimizer
     optimizer.build(trained.trainable_variables)
     step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
-  checkpoint = tf.train.Checkpoint(model=trained, optimizer=optimizer, step=step_counter)
+  # Random layers' (dropout's) generator states are variables outside the model's weights: saved
+  # too, so that a resumed run draws the masks an uninterrupted one would.
+  weight_ids = {id(weight) for weight in trained.weights}
+  checkpoint = tf.train.Checkpoint(
+      model=trained, optimizer=optimizer, step=step_counter,
+      random_state=[v for v in trained.variables if id(v) not in weight_ids])
   history_path = files.join(config.workdir, 'history.json')
   history = []
   latest = tf.train.latest_checkpoint(files.join(config.workdir, 'checkpoints'))  # The chief's.
