@@ -1,12 +1,14 @@
 """The records folder: load() and its checks, and tfl-inspect-records on good and broken builds."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tf_landmarks import data
 from tf_landmarks import ingest
 from tf_landmarks import records
 from helpers import GOOD_ROWS, REPO, config_for, write_dataset
@@ -102,3 +104,21 @@ def test_noverify_on_a_corrupt_shard_names_the_shard(copy):
   assert result.returncode == 2, result.stdout
   assert f'{shard} is corrupt or truncated' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('damage', ['missing', 'shortened'])
+def test_missing_or_shortened_shard_is_named_before_reading(copy, damage):
+  # Without the check, tf.data fails with "Graph execution error:" and no file name.
+  shard = sorted(copy.glob('train-*-of-*'))[-1]
+  if damage == 'missing':
+    shard.unlink()
+    message = f'shard {shard} is missing (the manifest lists it)'
+  else:
+    shard.write_bytes(shard.read_bytes()[:-10])
+    message = f'{shard} is corrupt or truncated ('
+  with pytest.raises(records.RecordsError, match=re.escape(message)):
+    data.make_dataset(str(copy), 'train', training=True, batch_size=4, seed=0)
+  result = _inspect(copy, '--noverify')
+  assert result.returncode == 2, result.stdout
+  assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert message in result.stderr
