@@ -2,9 +2,10 @@
 
 Training pipeline, in order (each step where it is cheapest):
   shuffled shard list → (per-worker shard) → parallel interleaved reading → repeat → class balancing
-  (parses only the label) → shuffle (serialized records) → one map: parse + decode + crop
-  (`decode_and_crop_jpeg` decodes only the crop) + resize + flip → batch → batch-level Keras layers
-  (shift/rotate, RandAugment, MixUp) → backbone preprocessing → prefetch.
+  (parses only the label) → shuffle (serialized records; the buffer capped by a memory budget) →
+  one map: parse + decode + crop (`decode_and_crop_jpeg` decodes only the crop) + resize + flip →
+  batch → batch-level Keras layers (shift/rotate, RandAugment, MixUp) → backbone preprocessing →
+  prefetch.
 Every per-example step lives in that one map because each extra parallel map hands every element
 to another thread, which cost ~10% of the throughput on 256-px images (bench/bench_input_pipeline.py).
 
@@ -38,7 +39,7 @@ from tf_landmarks.models import backbones
 from tf_landmarks.settings import setting
 
 _EVAL_CROP_FRACTION = 0.875
-# The share of physical memory the pipeline's buffers (shuffle, prefetch, parallel batches) may hold.
+# The share of physical memory that the pipeline's buffers (shuffle, prefetch, batches) may hold.
 _MEMORY_FRACTION = 1 / 8
 
 
@@ -311,7 +312,8 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
     return (images, labels, ids) if with_ids else (images, labels)
 
   # The batch layers' random state is shared: in parallel calls, which batch draws first varies.
-  dataset = dataset.map(finish, num_parallel_calls=None if deterministic and stateful else in_flight)
+  dataset = dataset.map(finish,
+                        num_parallel_calls=None if deterministic and stateful else in_flight)
   if decode_skip:
     dataset = dataset.skip(decode_skip // batch_size)
   options = tf.data.Options()
