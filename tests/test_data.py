@@ -114,6 +114,27 @@ def test_deterministic_training_repeats_exactly(shards):
   assert any(not np.array_equal(a[1], b[1]) for a, b in zip(first, other))
 
 
+@pytest.mark.parametrize('layers', [{}, {'mixup_alpha': 0.4, 'shift_rotate': True}])
+def test_skip_continues_the_deterministic_stream_batch_for_batch(shards, layers):
+  # What a resumed --deterministic run relies on: skipping k batches gives batches k, k+1, … of
+  # the whole stream, also with the batch layers' random state (which must advance over them).
+  root, _ = shards
+  whole = _take_training(root, 9, augmentation='resize_crop', **layers)
+  resumed = [tuple(t.numpy() for t in batch) for batch in _dataset(
+      root, True, batch_size=8, image_size=32, seed=5, deterministic=True, skip=5,
+      augmentation='resize_crop', **layers).take(4)]
+  for a, b in zip(whole[5:], resumed):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_shuffle_buffer_is_capped_by_the_memory_budget():
+  assert data.shuffle_buffer_size(4096, bytes_per_example=1e6, budget=10**9) == 1000
+  assert data.shuffle_buffer_size(4096, bytes_per_example=1e3, budget=10**9) == 4096
+  assert data.shuffle_buffer_size(4096, bytes_per_example=1e9, budget=10**6) == 1
+  assert 0 < data.memory_budget() < os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 @pytest.mark.parametrize('augmentation', list(data.Augmentation))
 def test_every_augmentation_keeps_shape_and_class_colour(shards, augmentation):
   root, _ = shards

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tf_landmarks import distribute
+from tf_landmarks import errors
 from helpers import REPO
 
 
@@ -60,9 +61,23 @@ def test_multi_worker_without_a_usable_tf_config_fails_clearly(tf_config, messag
     distribute.make_strategy('multi_worker')
 
 
-def test_tpu_without_a_tpu_name_fails_clearly():
-  with pytest.raises(ValueError, match="no TPU found for tpu=None.*'local' on a TPU VM"):
-    distribute.make_strategy('tpu')
+@pytest.mark.parametrize('tpu', [None, 'no-such-tpu.invalid'])
+def test_tpu_without_a_tpu_fails_clearly(tpu):
+  # A user error (one line from the commands), whether no name is given or the name's lookup
+  # fails (an OSError from the GCE metadata server off Google Cloud).
+  with pytest.raises(errors.UserError, match=f"no TPU found for tpu={tpu!r}.*'local' on a TPU VM"):
+    distribute.make_strategy('tpu', tpu)
+
+
+def test_train_with_strategy_tpu_and_no_tpu_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'tf_landmarks.cli.train', f'--records_dir={tmp_path}',
+       f'--workdir={tmp_path / "run"}', '--strategy=tpu'], capture_output=True, text=True,
+      cwd=REPO, timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'train.py: error: no TPU found for tpu=None'), result.stderr[-3000:]
 
 
 def _run_python(script, env=None, timeout=120):

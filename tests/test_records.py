@@ -1,6 +1,7 @@
 """The records folder: load() and its checks, and tfl-inspect-records on good and broken builds."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import tensorflow as tf
 
+from tf_landmarks import data
 from tf_landmarks import ingest
 from tf_landmarks import records
 from tf_landmarks import schema
@@ -149,3 +151,21 @@ def test_read_record_refuses_a_wrong_offset_and_a_damaged_record(copy):
       records.read_record(path, at)
   with pytest.raises(records.RecordsError, match='is missing'):
     records.read_record(str(copy / 'nowhere'), 0)
+
+
+@pytest.mark.parametrize('damage', ['missing', 'shortened'])
+def test_missing_or_shortened_shard_is_named_before_reading(copy, damage):
+  # Without the check, tf.data fails with "Graph execution error:" and no file name.
+  shard = sorted(copy.glob('train-*-of-*'))[-1]
+  if damage == 'missing':
+    shard.unlink()
+    message = f'shard {shard} is missing (the manifest lists it)'
+  else:
+    shard.write_bytes(shard.read_bytes()[:-10])
+    message = f'{shard} is corrupt or truncated ('
+  with pytest.raises(records.RecordsError, match=re.escape(message)):
+    data.make_dataset(str(copy), 'train', training=True, batch_size=4, seed=0)
+  result = _inspect(copy, '--noverify')
+  assert result.returncode == 2, result.stdout
+  assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert message in result.stderr

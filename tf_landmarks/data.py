@@ -2,9 +2,10 @@
 
 Training pipeline, in order (each step where it is cheapest):
   shuffled shard list → (per-worker shard) → parallel interleaved reading → repeat → class balancing
-  (parses only the label) → shuffle (serialized records) → one map: parse + decode + crop
-  (`decode_and_crop_jpeg` decodes only the crop) + resize + flip → batch → batch-level Keras layers
-  (shift/rotate, RandAugment, MixUp) → backbone preprocessing → prefetch.
+  (parses only the label) → shuffle (serialized records; the buffer capped by a memory budget) →
+  one map: parse + decode + crop (`decode_and_crop_jpeg` decodes only the crop) + resize + flip →
+  batch → batch-level Keras layers (shift/rotate, RandAugment, MixUp) → backbone preprocessing →
+  prefetch.
 Every per-example step lives in that one map because each extra parallel map hands every element
 to another thread, which cost ~10% of the throughput on 256-px images (bench/bench_input_pipeline.py).
 
@@ -24,6 +25,7 @@ Batches are `(images, labels)`: images float32 [B, S, S, 3] preprocessed for the
 
 import dataclasses
 import enum
+import os
 import random
 from typing import Optional, Sequence, Union
 
@@ -37,6 +39,8 @@ from tf_landmarks.models import backbones
 from tf_landmarks.settings import setting
 
 _EVAL_CROP_FRACTION = 0.875
+# The share of physical memory that the pipeline's buffers (shuffle, prefetch, batches) may hold.
+_MEMORY_FRACTION = 1 / 8
 
 
 class Augmentation(str, enum.Enum):
@@ -65,6 +69,22 @@ class InputConfig:
       1.0, 'Training classes are drawn proportionally to n_c^class_balance: 1 keeps the natural '
       'distribution, 0 makes classes uniform, 0.5 is in between.', lower=0.0, upper=1.0)
   shuffle_buffer: int = setting(4096, 'Examples in the training shuffle buffer.', lower=1)
+
+
+def memory_budget() -> int:
+  """Bytes the input pipeline's buffers may hold: `_MEMORY_FRACTION` of physical memory."""
+  return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') * _MEMORY_FRACTION)
+
+
+def shuffle_buffer_size(requested: int, bytes_per_example: float, budget: int) -> int:
+  """`requested` examples, or fewer when that many would take more than `budget` bytes."""
+  return int(max(1, min(requested, budget // max(bytes_per_example, 1.0))))
+
+
+def _bytes_per_example(records: records_lib.Records, split: str) -> float:
+  """Mean size of one serialized example of the split (what the shuffle buffer holds)."""
+  shards = records.manifest['splits'][split]['shards']
+  return sum(shard.get('bytes', 0) for shard in shards) / max(records.num_examples(split), 1)
 
 
 def balancing_weights(class_counts: Sequence[int], power: float) -> np.ndarray:
@@ -181,7 +201,8 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
                  batch_size: int, config: Optional[InputConfig] = None,
                  backbone: Optional[str] = 'resnet50', seed: Optional[int] = None,
                  deterministic: bool = False, with_ids: bool = False,
-                 input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+                 input_context: Optional[tf.distribute.InputContext] = None,
+                 skip: int = 0) -> tf.data.Dataset:
   """Batches of preprocessed images and labels from a records folder (see the module docstring).
 
   Args:
@@ -195,8 +216,13 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
       in [0, 255] for the model to preprocess on the accelerator (see the module docstring).
     seed: makes shuffling, balancing and augmentation repeatable.
     deterministic: fixed element order (slower); with a seed, two runs give identical batches.
+      Batch augmentation layers then run one batch at a time (their random state is shared).
     with_ids: also return the image ids.
     input_context: from `strategy.distribute_datasets_from_function`; shards input by worker.
+    skip: training: global batches already consumed (a resumed run): the stream continues where
+      it stopped, batch for batch, as long as `seed` is the same. The skipped records are read
+      and shuffled again but not decoded, unless batch augmentation layers are on (their random
+      state must advance).
 
   Returns:
     A dataset of `(images, labels)` or `(images, labels, ids)` batches.
@@ -214,12 +240,29 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
     raise ValueError(f'class_balance must be in [0, 1], got {config.class_balance}')
   if deterministic and seed is None:
     raise ValueError('deterministic=True needs a seed')
+  if skip and not training:
+    raise ValueError('skip is for training streams')
   files = records.files(split)
   if not files:
     raise records_lib.RecordsError(f'the {split} split of {records.path} is empty')
+  records_lib.check_shards(records, split)
+  # Each input pipeline (one per worker) gets global batch / pipelines examples per step.
+  skip_examples = skip * batch_size // (input_context.num_input_pipelines if input_context else 1)
   if input_context:
     batch_size = input_context.get_per_replica_batch_size(batch_size)
   image_size = config.image_size
+  budget = memory_budget()
+  layers = []
+  if training and config.shift_rotate:
+    layers += [keras.layers.RandomTranslation(0.1, 0.1, fill_mode='reflect', seed=seed),
+               keras.layers.RandomRotation(0.05, fill_mode='reflect', seed=seed)]
+  if training and config.randaugment:
+    layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed))
+  mixup = (keras.layers.MixUp(alpha=config.mixup_alpha, seed=seed)
+           if training and config.mixup_alpha > 0 else None)
+  stateful = bool(layers) or mixup is not None
+  # Skipped training examples pass the decoding only when the stateful batch layers follow.
+  decode_skip = skip_examples if stateful else 0
 
   serialized = _read_records(files, training, seed, input_context)
   if training:
@@ -233,7 +276,12 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
       # Balancing draws from its own stream: its index counts records before shuffling.
       serialized = _balance(serialized, balancing_weights(records.class_counts,
                                                           config.class_balance), run_seed ^ 0x5EED)
-    serialized = serialized.shuffle(config.shuffle_buffer, seed=seed)
+    # The buffer holds serialized records: capped so that it fits the memory budget whatever
+    # --shuffle_buffer says (records of large images are megabytes each).
+    serialized = serialized.shuffle(
+        shuffle_buffer_size(config.shuffle_buffer, _bytes_per_example(records, split), budget // 2),
+        seed=seed)
+    serialized = serialized.skip(skip_examples - decode_skip)
 
     def train_element(index, record):
       example = schema.parse_example(record)
@@ -241,7 +289,8 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
       return (_train_image(example[schema.ENCODED], element_seed, image_size, augmentation),
               tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
 
-    dataset = serialized.enumerate().map(train_element, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = serialized.enumerate(start=skip_examples - decode_skip).map(
+        train_element, num_parallel_calls=tf.data.AUTOTUNE)
   else:
 
     def eval_element(record):
@@ -250,16 +299,12 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
               tf.cast(example[schema.LABEL], tf.int32), example[schema.ID])
 
     dataset = serialized.map(eval_element, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
-
-  layers = []
-  if training and config.shift_rotate:
-    layers += [keras.layers.RandomTranslation(0.1, 0.1, fill_mode='reflect', seed=seed),
-               keras.layers.RandomRotation(0.05, fill_mode='reflect', seed=seed)]
-  if training and config.randaugment:
-    layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed))
-  mixup = (keras.layers.MixUp(alpha=config.mixup_alpha, seed=seed)
-           if training and config.mixup_alpha > 0 else None)
+  # A decoded batch: uint8 pixels, float32 after the batch layers or the backbone's preprocessing.
+  batch_bytes = batch_size * image_size * image_size * 3 * (
+      1 if backbone is None and not stateful else 4)
+  # Several batches in flight (parallel batching, prefetch) only when they fit the budget easily.
+  in_flight = tf.data.AUTOTUNE if 8 * batch_bytes <= budget else None
+  dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=in_flight)
   num_classes = records.num_classes
 
   def finish(images, labels, ids):
@@ -275,8 +320,13 @@ def make_dataset(source: Union[str, records_lib.Records], split: str, *, trainin
       images = backbones.preprocess(images, backbone)
     return (images, labels, ids) if with_ids else (images, labels)
 
-  dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  # The batch layers' random state is shared: in parallel calls, which batch draws first varies.
+  dataset = dataset.map(finish,
+                        num_parallel_calls=None if deterministic and stateful else in_flight)
+  if decode_skip:
+    dataset = dataset.skip(decode_skip // batch_size)
   options = tf.data.Options()
   options.deterministic = deterministic or not training
+  options.autotune.ram_budget = budget
   dataset = dataset.with_options(options)
-  return dataset.prefetch(tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE if in_flight else 1)

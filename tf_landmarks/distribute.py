@@ -12,9 +12,17 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tf_landmarks import errors
+
 STRATEGIES = ('default', 'one_device', 'mirrored', 'multi_worker', 'tpu')
 JIT_SETTINGS = ('auto', 'true', 'false')
 PRECISIONS = ('float32', 'mixed_float16', 'mixed_bfloat16')
+
+
+
+class StrategyError(errors.UserError):
+  """The strategy cannot be set up here (no TPU, no usable TF_CONFIG); the message says why."""
+
 
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
@@ -42,10 +50,10 @@ def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strateg
     The strategy.
 
   Raises:
-    ValueError: an unknown name, multi_worker without a usable TF_CONFIG, or no TPU found.
+    StrategyError: an unknown name, multi_worker without a usable TF_CONFIG, or no TPU found.
   """
   if name not in STRATEGIES:
-    raise ValueError(f'unknown strategy {name!r}; choose one of {", ".join(STRATEGIES)}')
+    raise StrategyError(f'unknown strategy {name!r}; choose one of {", ".join(STRATEGIES)}')
   if name == 'default':
     return tf.distribute.get_strategy()
   if name == 'one_device':
@@ -63,25 +71,26 @@ def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strateg
 def _check_tf_config(text: str) -> None:
   """Fails with one clear line unless TF_CONFIG names the workers and this worker's index."""
   if not text.strip():
-    raise ValueError(f'the multi_worker strategy needs the TF_CONFIG environment variable on every '
-                     f'worker, e.g. {_TF_CONFIG_EXAMPLE}')
+    raise StrategyError(f'the multi_worker strategy needs the TF_CONFIG environment variable on '
+                        f'every worker, e.g. {_TF_CONFIG_EXAMPLE}')
   try:
     config = json.loads(text)
   except json.JSONDecodeError as error:
-    raise ValueError(f'TF_CONFIG is not valid JSON ({error}); expected e.g. '
-                     f'{_TF_CONFIG_EXAMPLE}') from None
+    raise StrategyError(f'TF_CONFIG is not valid JSON ({error}); expected e.g. '
+                        f'{_TF_CONFIG_EXAMPLE}') from None
   cluster = config.get('cluster') if isinstance(config, dict) else None
   task = config.get('task') if isinstance(config, dict) else None
   if not isinstance(cluster, dict) or not any(cluster.get(job) for job in ('chief', 'worker')):
-    raise ValueError(f'TF_CONFIG has no cluster.worker list; expected e.g. {_TF_CONFIG_EXAMPLE}')
+    raise StrategyError(f'TF_CONFIG has no cluster.worker list; expected e.g. '
+                        f'{_TF_CONFIG_EXAMPLE}')
   if not isinstance(task, dict) or task.get('type') not in ('chief', 'worker'):
-    raise ValueError(f'TF_CONFIG needs task.type "worker" (or "chief") and task.index; expected '
-                     f'e.g. {_TF_CONFIG_EXAMPLE}')
+    raise StrategyError(f'TF_CONFIG needs task.type "worker" (or "chief") and task.index; expected '
+                        f'e.g. {_TF_CONFIG_EXAMPLE}')
   members = cluster.get(task['type'])
   index = task.get('index')
   if not isinstance(members, list) or not isinstance(index, int) or not 0 <= index < len(members):
-    raise ValueError(f'TF_CONFIG task.index {index!r} does not name one of the cluster\'s '
-                     f'{task["type"]} addresses {members!r}')
+    raise StrategyError(f'TF_CONFIG task.index {index!r} does not name one of the cluster\'s '
+                        f'{task["type"]} addresses {members!r}')
 
 
 def _tpu_strategy(tpu: Optional[str]) -> tf.distribute.TPUStrategy:
@@ -89,10 +98,12 @@ def _tpu_strategy(tpu: Optional[str]) -> tf.distribute.TPUStrategy:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
-  except (ValueError, tf.errors.NotFoundError) as error:
+  except (ValueError, OSError, RuntimeError, tf.errors.OpError) as error:
+    # No TPU shows as a ValueError (no name), an OSError (the name's lookup in the GCE metadata
+    # server fails off Google Cloud) or an OpError (no TPU kernels in this TensorFlow build).
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    raise ValueError(f'no TPU found for tpu={tpu!r} (give the TPU name or grpc:// address, or '
-                     f"'local' on a TPU VM): {first_line}") from None
+    raise StrategyError(f'no TPU found for tpu={tpu!r} (give the TPU name or grpc:// address, or '
+                        f"'local' on a TPU VM): {first_line}") from None
   return tf.distribute.TPUStrategy(resolver)
 
 

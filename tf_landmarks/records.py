@@ -215,6 +215,29 @@ def count_records(path: str) -> int:
     raise RecordsError(f'{path} is corrupt or truncated ({plain_tf_message(error.message)})') from None
 
 
+def check_shards(records: Records, split: str) -> None:
+  """Checks that every shard of `split` the manifest lists exists with the size it was written at.
+
+  A stat per shard, no reading: without it a missing shard surfaces deep inside tf.data as a bare
+  "Graph execution error". A damaged shard of the right size is caught when read (`verify`,
+  `find_corrupt_shard`).
+
+  Raises:
+    RecordsError: naming the first missing shard, or one whose size differs from the manifest's.
+  """
+  for path, shard in zip(records.files(split), records.manifest['splits'][split]['shards']):
+    try:
+      size = tf.io.gfile.stat(path).length
+    except tf.errors.NotFoundError:
+      raise RecordsError(f'shard {path} is missing (the manifest lists it); restore it or rebuild '
+                         'the folder with tfl-build-records --overwrite') from None
+    expected = shard.get('bytes')
+    if size != expected if expected is not None else size == 0:
+      raise RecordsError(f'{path} is corrupt or truncated ({size} bytes, the manifest says '
+                         f'{expected}); restore it or rebuild the folder with tfl-build-records '
+                         '--overwrite')
+
+
 def verify(records: Records) -> None:
   """Counts the records of every shard and compares them with the manifest.
 

@@ -296,3 +296,4 @@ def load_delf_run(path: str, flag: str = 'delf_run') -> Run:
                    'the attention stage from it (tfl-train --mode=delf --delf_stage=attention '
                    f'--init_from={path})')
   return run
+

@@ -59,10 +59,23 @@ from tf_landmarks.settings import setting
 
 # Set in what `train` returns when --resume found the run already finished (not in run.json).
 ALREADY_FINISHED = 'already_finished'
+# Training has diverged when a step's loss is not finite or exceeds this many times ln(classes),
+# the cross-entropy of a uniform guess: the loss of an untrained classifier (ArcFace and LDAM
+# margins add a few units), which a run that learns stays below.
+DIVERGENCE_FACTOR = 1000.0
 
 
 class TrainError(errors.UserError):
   """The run cannot start or go on; the message says what to change."""
+
+
+class TrainingDiverged(TrainError):
+  """The loss (or the validation outputs) became non-finite or exploded; see `divergence_bound`."""
+
+
+def divergence_bound(num_classes: int) -> float:
+  """The largest step loss a run may show before it counts as diverged (`DIVERGENCE_FACTOR`)."""
+  return DIVERGENCE_FACTOR * max(math.log(max(num_classes, 1)), 1.0)
 
 
 @dataclasses.dataclass
@@ -155,6 +168,10 @@ class TrainConfig:
   feature_cache_dir: Optional[str] = setting(
       None, 'Bottleneck feature cache; default: feature_cache beside the workdir.', runtime=True)
   seed: int = setting(0, 'Seed of initialisation, data order and augmentation.')
+  deterministic: bool = setting(
+      False, 'Bit-for-bit reproducible training: TensorFlow op determinism, a fixed data order '
+      'and seeded augmentation; the same settings and --seed give the same weights, and a resumed '
+      'run the weights of an uninterrupted one. Costs some speed (BUILD_NOTES.md).')
   keep_checkpoints: int = setting(3, 'Latest checkpoints kept.', lower=1, runtime=True)
   checkpoint_every_steps: int = setting(
       1000, 'Steps between checkpoints within an epoch (one is also written at every epoch end '
@@ -211,26 +228,34 @@ def make_train_step(model: Callable, optimizer: keras.optimizers.Optimizer,
 
 
 def make_multi_step(strategy: tf.distribute.Strategy, step: Callable) -> Callable:
-  """Runs `num_steps` replica steps per call; returns the summed (loss, correct, examples)."""
+  """Runs `num_steps` replica steps per call.
+
+  Returns:
+    multi_step(iterator, num_steps) → float32 [4]: the summed step losses, correct top-1 and
+    examples, and the largest step loss (a NaN shows in the sum).
+  """
 
   @tf.function
   def multi_step(iterator, num_steps):
-    totals = tf.zeros([3])
+    totals, worst = tf.zeros([3]), tf.constant(-np.inf, tf.float32)
     for _ in tf.range(num_steps):
       inputs, labels = next(iterator)
-      stats = strategy.run(step, args=(inputs, labels))
-      totals += strategy.reduce(tf.distribute.ReduceOp.SUM, stats, axis=None)
-    return totals
+      stats = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(inputs, labels)),
+                              axis=None)
+      totals += stats
+      worst = tf.maximum(worst, stats[0])
+    return tf.concat([totals, worst[tf.newaxis]], axis=0)
 
   return multi_step
 
 
 def make_evaluator(strategy: tf.distribute.Strategy, model: Callable) -> Callable:
-  """Returns evaluate(distributed dataset) → {'top1', 'top5', 'gap', 'examples'}.
+  """Returns evaluate(distributed dataset) → {'top1', 'top5', 'gap', 'examples', 'non_finite'}.
 
   Each replica computes softmax top-5 labels and scores of its share; they are gathered to the
   host, padding (label −1) dropped, and scored with `metrics.gap` (every validation image shows a
-  landmark, so M is the number of images).
+  landmark, so M is the number of images). Images whose scores are not finite (a diverged model)
+  are counted in 'non_finite' and scored as wrong answers with confidence 0.
   """
 
   def replica_step(inputs, labels):
@@ -253,11 +278,15 @@ def make_evaluator(strategy: tf.distribute.Strategy, model: Callable) -> Callabl
       labels.append(batch_labels[keep])
     indices, scores = np.concatenate(indices), np.concatenate(scores)
     labels = np.concatenate(labels)
-    predictions = {i: (int(indices[i, 0]), float(scores[i, 0])) for i in range(len(labels))}
+    finite = np.isfinite(scores).all(axis=1)
+    indices = np.where(finite[:, None], indices, -1)
+    predictions = {i: (int(indices[i, 0]), float(scores[i, 0]) if finite[i] else 0.0)
+                   for i in range(len(labels))}
     truth = {i: int(label) for i, label in enumerate(labels)}
     return {'top1': float(np.mean(indices[:, 0] == labels)),
             'top5': float(np.mean((indices == labels[:, None]).any(axis=1))),
-            'gap': metrics.gap(predictions, truth), 'examples': int(len(labels))}
+            'gap': metrics.gap(predictions, truth), 'examples': int(len(labels)),
+            'non_finite': int(np.sum(~finite))}
 
   return evaluate
 
@@ -384,6 +413,10 @@ def _check_config(config: TrainConfig, input_config: data.InputConfig, weights: 
                        'other landmark ids): its classes would name the wrong landmarks')
   if config.mode == Mode.BOTTLENECK and input_config.mixup_alpha > 0:
     raise TrainError('--mixup_alpha needs images; the bottleneck stage trains on cached features')
+  train_examples = records.num_examples('train')
+  if config.batch_size > train_examples:
+    raise TrainError(f'--batch_size={config.batch_size} is larger than the train split of '
+                     f'{records.path} ({train_examples} examples); lower --batch_size')
 
 
 def _head_options(config: TrainConfig) -> dict:
@@ -523,10 +556,11 @@ def _build_models(config: TrainConfig, records: records_lib.Records, built, imag
 
 def _input_functions(config: TrainConfig, input_config: data.InputConfig,
                      records: records_lib.Records, built, head):
-  """What trains and its inputs: (trained, train_fn(seed) → dataset_fn, eval_fn).
+  """What trains and its inputs: (trained, train_fn(seed, skip) → dataset_fn, eval_fn).
 
   The bottleneck stage trains the head on cached features; every other mode trains on images.
-  The dataset functions take the `tf.distribute.InputContext` of each input pipeline.
+  The dataset functions take the `tf.distribute.InputContext` of each input pipeline; `skip` is
+  the number of global batches to pass over (where a resumed --deterministic run stopped).
   """
   global_batch, image_size = config.batch_size, input_config.image_size
   if config.mode == Mode.BOTTLENECK:
@@ -540,9 +574,11 @@ def _input_functions(config: TrainConfig, input_config: data.InputConfig,
                                                files.join(cache_root, key), progress=config.progress)
               for split in ('train', 'validation') if records.num_examples(split)}
 
-    def train_fn(seed):
-      return lambda context: bottleneck.feature_dataset(cached['train'], True, global_batch, seed,
-                                                        context)
+    def train_fn(seed, skip):
+      # Every pipeline gives one batch per replica it feeds at each step; features parse cheaply.
+      return lambda context: bottleneck.feature_dataset(
+          cached['train'], True, global_batch, seed, context).skip(
+              skip * context.num_replicas_in_sync // context.num_input_pipelines)
 
     def eval_fn(context):
       return bottleneck.feature_dataset(cached['validation'], False, global_batch,
@@ -550,10 +586,11 @@ def _input_functions(config: TrainConfig, input_config: data.InputConfig,
                                             _pad_to(context.get_per_replica_batch_size(global_batch)))
     return head, train_fn, eval_fn
 
-  def train_fn(seed):
+  def train_fn(seed, skip):
     return lambda context: data.make_dataset(
         records, 'train', training=True, batch_size=global_batch, config=input_config,
-        backbone=None, seed=seed, input_context=context)
+        backbone=None, seed=seed, deterministic=config.deterministic, input_context=context,
+        skip=skip)
 
   def eval_fn(context):
     return data.make_dataset(records, 'validation', training=False, batch_size=global_batch,
@@ -579,6 +616,8 @@ def train(config: TrainConfig, input_config: data.InputConfig) -> dict:
   """
   config = dataclasses.replace(config, mode=Mode(config.mode))
   strategy = distribute.make_strategy(config.strategy, config.tpu)  # First: it may set up the runtime.
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   records = records_lib.load(config.records_dir)
   init_run = runs.load(config.init_from, 'init_from') if config.init_from else None
   weights = _resolve_weights(config, init_run)
@@ -636,7 +675,12 @@ def _train(config: TrainConfig, input_config: data.InputConfig, strategy, record
         else optimizer
     optimizer.build(trained.trainable_variables)
     step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
-  checkpoint = tf.train.Checkpoint(model=trained, optimizer=optimizer, step=step_counter)
+  # Random layers' (dropout's) generator states are variables outside the model's weights: saved
+  # too, so that a resumed run draws the masks an uninterrupted one would.
+  weight_ids = {id(weight) for weight in trained.weights}
+  checkpoint = tf.train.Checkpoint(
+      model=trained, optimizer=optimizer, step=step_counter,
+      random_state=[v for v in trained.variables if id(v) not in weight_ids])
   history_path = files.join(config.workdir, 'history.json')
   history = []
   latest = tf.train.latest_checkpoint(files.join(config.workdir, 'checkpoints'))  # The chief's.
@@ -645,14 +689,27 @@ def _train(config: TrainConfig, input_config: data.InputConfig, strategy, record
     if tf.io.gfile.exists(history_path):
       with tf.io.gfile.GFile(history_path) as f:
         history = json.load(f)
-  # After a restart the data stream is reseeded with the step: it continues the run's
-  # distribution without replaying the batches already seen.
-  seed = config.seed + int(step_counter.numpy())
+  # After a restart a --deterministic run's data stream passes over the batches already trained
+  # on, to continue exactly; otherwise it is reseeded with the step, which continues the run's
+  # distribution without replaying them (and without reading them again).
+  done = int(step_counter.numpy())
+  train_input = train_fn(config.seed, done) if config.deterministic else train_fn(
+      config.seed + done, 0)
   loop = _Loop(config, strategy, records, trained, optimizer, checkpoint, step_counter, write_dir,
                chief, jit_compile, steps_per_epoch, history, history_path)
   eval_dataset = (strategy.distribute_datasets_from_function(eval_fn)
                   if records.num_examples('validation') else None)
-  loop.run(iter(strategy.distribute_datasets_from_function(train_fn(seed))), eval_dataset)
+  try:
+    loop.run(iter(strategy.distribute_datasets_from_function(train_input)), eval_dataset)
+  except TrainingDiverged as error:
+    if chief:
+      runs.write_failed(config.workdir, {
+          'mode': config.mode.value, 'backbone': config.backbone, 'records_dir': records.path,
+          'final': history[-1] if history else None,
+          'settings': {**settings.as_dict(config), **settings.as_dict(input_config)}}, str(error))
+    else:
+      tf.io.gfile.rmtree(write_dir)
+    raise
   if loop.best_manager.latest_checkpoint:  # The run's result is its best validation epoch.
     checkpoint.restore(loop.best_manager.latest_checkpoint).assert_existing_objects_matched()
   if not chief:
@@ -679,6 +736,7 @@ class _Loop:
                    if chief else None)
     self.multi_steps = {}  # One compiled loop per loss (LDAM re-weighting switches it once).
     self.evaluate = make_evaluator(strategy, trained)
+    self.loss_bound = divergence_bound(records.num_classes)
 
   def _multi_step(self, epoch: int) -> Callable:
     config = self.config
@@ -723,6 +781,7 @@ class _Loop:
         except tf.errors.DataLossError:  # tf.data's message does not say which file.
           raise records_lib.RecordsError(
               records_lib.find_corrupt_shard(self.records.files('train'))) from None
+        self._check_loss(summed[0], summed[3], step, count)
         totals += [summed[0], summed[1], summed[2], count]
         step += count
         self.step_counter.assign(step)
@@ -745,8 +804,29 @@ class _Loop:
       if self.chief:
         files.write_atomically(self.history_path, json.dumps(self.history, indent=1))
 
+  def _diverged(self, where: str, what: str) -> TrainingDiverged:
+    """The one-line error; the weights are not saved (checkpoints hold only finite losses)."""
+    kept = self.manager.latest_checkpoint
+    kept = (f'the last good checkpoint (step {kept.rsplit("-", 1)[1]}) is kept' if kept else
+            'no checkpoint was written')
+    return TrainingDiverged(f'training diverged {where}: {what}; {kept}; lower --learning_rate')
+
+  def _check_loss(self, total: float, worst: float, step: int, count: int) -> None:
+    """Raises TrainingDiverged when a step of the last call had a non-finite or exploded loss."""
+    if math.isfinite(total) and worst <= self.loss_bound:
+      return
+    where = f'at step {step + 1}' if count == 1 else f'in steps {step + 1}-{step + count}'
+    what = (f'loss {total / count:.3g}' if not math.isfinite(total) else
+            f'loss {worst:.3g}, above {self.loss_bound:.3g} ({DIVERGENCE_FACTOR:g} x ln of '
+            f'{self.records.num_classes} classes)')
+    raise self._diverged(where, what)
+
   def _validate(self, eval_dataset, epoch: int, step: int) -> Dict[str, float]:
     scores = self.evaluate(eval_dataset)
+    non_finite = scores.pop('non_finite')
+    if non_finite:
+      raise self._diverged(f'by step {step}', f'the validation outputs of {non_finite} of '
+                           f'{scores["examples"]} images are not finite')
     if self.writer is not None:
       with self.writer.as_default(step=step):
         for name in ('top1', 'top5', 'gap'):
