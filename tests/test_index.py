@@ -197,9 +197,9 @@ def test_the_ivf_of_the_auto_rule_finds_95_percent_of_the_exact_top_100():
   import faiss  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   # Just above the size where auto starts building IVFs: the smallest IVF it builds.
-  rows, dim = index_builder.AUTO_IVF_ROWS + 1000, 128
+  rows, dim = index_builder.AUTO_IVF_ROWS + 1000, 64
   # The queries are further draws of the same mixture, not index rows.
-  descriptors, queries = np.split(_clustered(rng, rows + 100, dim, rows // 50), [rows])
+  descriptors, queries = np.split(_clustered(rng, rows + 100, dim, rows // 20), [rows])
   descriptors = np.ascontiguousarray(descriptors)
   flat = faiss.IndexFlatIP(dim)
   flat.add(descriptors)
