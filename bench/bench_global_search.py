@@ -28,8 +28,10 @@ thread: where exact search stops meeting the --target_ms target, `tfl-build-inde
 --global_search=auto` switches to IVF.
 
 Usage (from the repository root):
-  .venv/bin/python bench/bench_global_search.py              # 1 M rows, ~10 minutes on 2 cores
-  .venv/bin/python bench/bench_global_search.py --rows=100000 --nlists=256,1024
+  .venv/bin/python bench/bench_global_search.py              # 1 M rows, ~15 minutes at load 5-8
+  .venv/bin/python bench/bench_global_search.py --rows=200000 --nlists=1024 --sweep=  # minutes
+
+`--storages=pq` adds IVF-PQ; its training is slow (96 s at 50,000 rows on 2 loaded cores).
 """
 
 import os
@@ -157,7 +159,8 @@ def _ivf_indexes(data, nlist, rng):
   assignments = np.concatenate([
       quantizer.search(np.ascontiguousarray(data[start:start + _CHUNK]), 1)[1][:, 0]
       for start in range(0, len(data), _CHUNK)])
-  timing.print_line(f'  nlist {nlist}: k-means and assignment {time.perf_counter() - started:.0f} s')
+  timing.print_line(f'  nlist {nlist}: k-means and assignment '
+                    f'{time.perf_counter() - started:.0f} s')
   indexes = {}
   for storage in _STORAGES.value:
     if storage == 'flat':

@@ -8,13 +8,19 @@ GLDv2 scale are in `tf_landmarks/indexes.py`, which also reads it.
 
   build_index(IndexConfig) -> dict       builds (or with resume=True finishes) an index; returns
                                          what it writes to index.json
+  global_search_kind(setting, images)    'flat' or 'ivf': what --global_search gives `images` images
+  ivf_cells(images, requested=0), ivf_probes(images, cells, requested=0)   the IVF's cells and
+                                         the cells searched per query (the measured rules)
+  build_global_ivf(descriptors, cells, storage) -> faiss.Index   the IVF of the global descriptors
 
 Each records shard is a unit of work and gives one index shard, written under temporary names and
 renamed into place, so an interrupted build continues with `--resume` from the first unfinished
 shard, and a folder without index.json is never taken for an index. One build at a time writes a
 folder (a lock held while it runs). The last step joins the shards' image lists into the sorted
-table, keeping each image id once (its first occurrence, train before validation), and writes
-index.json with the checksums of every file.
+table, keeping each image id once (its first occurrence, train before validation), sorts the global
+descriptors into global.npy through a memory-mapped scratch file (never whole in memory), builds the
+IVF above AUTO_IVF_ROWS images (--global_search=auto; BUILD_NOTES.md, "Global search at scale"), and
+writes index.json with the checksums of every file.
 
 Images: local features come from the image as stored in the records; global descriptors from the
 classifier's evaluation crop (`data.make_dataset(..., training=False, backbone=None)`), exactly
@@ -517,12 +523,16 @@ def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descri
                                          dtype=np.float32, shape=(len(order), global_dim))
     position = np.full(len(ids), -1, np.int64)
     position[order] = np.arange(len(order))
-    start = 0
-    for unit in units:
+    first_row = 0
+    for unit, part in zip(units, parts):
       rows = _load_npz(unit.files(output_dir).images)['global_descriptors']
-      targets = position[start:start + len(rows)]
+      if len(rows) != len(part['ids']):
+        raise LandmarkIndexError(f'{unit.files(output_dir).images} holds {len(part["ids"])} image '
+                                 f'ids and {len(rows)} global descriptors; rebuild with '
+                                 '--overwrite')
+      targets = position[first_row:first_row + len(rows)]
       in_order[targets[targets >= 0]] = rows[targets >= 0]
-      start += len(rows)
+      first_row += len(rows)
     in_order.flush()
     _write_npy(files.join(output_dir, indexes.GLOBAL_FILE),
                (in_order[start:start + _GLOBAL_CHUNK]

@@ -132,9 +132,9 @@ _REBUILD = 'rebuild it with tfl-build-index --overwrite'
 _FINITE_CHECK_ROWS = 1 << 18
 # Rows per step when a flat search index is filled from global.npy's memory map.
 _GLOBAL_CHUNK = 65536
-# faiss threads of a single-query global search: one query over 1 M rows took 2.9-4.4x longer on
-# 2 threads than on 1 (bench/bench_global_search.py), faiss splitting one query's rows between
-# threads that then merge their results.
+# faiss threads of a single-query global search: one flat query over 1 M rows took 2.1-2.4x longer
+# (medians of two runs) on 2 threads than on 1, and an IVF one no less (bench/bench_global_search.py):
+# faiss splits one query's rows between threads that then merge their results.
 SINGLE_QUERY_THREADS = 1
 
 
@@ -478,7 +478,7 @@ def load(path: str, verify: bool = False, *, nprobe: Optional[int] = None) -> In
     path: the index folder (local).
     verify: hash every file whatever the last check found, and scan the descriptors, keypoints
       and global descriptors for NaN or infinity.
-    nprobe: IVF cells searched per query (an --global_search=ivf index); default: the build's.
+    nprobe: IVF cells searched per query (an index with an IVF); default: the build's.
 
   Raises:
     LandmarkIndexError: not a finished index, a remote path, an incomplete index.json, or a file
