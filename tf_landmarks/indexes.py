@@ -133,7 +133,7 @@ _FINITE_CHECK_ROWS = 1 << 18
 # Rows per step when a flat search index is filled from global.npy's memory map.
 _GLOBAL_CHUNK = 65536
 # faiss threads of a single-query global search: one flat query over 1 M rows took 2.1-2.4x longer
-# (medians of two runs) on 2 threads than on 1, and an IVF one no less (bench/bench_global_search.py):
+# (medians of two runs) on 2 threads than on 1, an IVF one 1.07x (bench/bench_global_search.py):
 # faiss splits one query's rows between threads that then merge their results.
 SINGLE_QUERY_THREADS = 1
 
