@@ -140,8 +140,9 @@ def test_global_search_of_an_index_image_returns_itself_first(world, built, tmp_
   folder = built['sift']
   if search == 'ivf':  # Over the validation images too.
     folder = str(tmp_path / 'ivf')
+    # float32 rows: a float16 IVF's scores are within its rounding of 1, not within 1e-5.
     index_builder.build_index(_config(world, 'sift', folder, max_features=20, global_search='ivf',
-                              split='train+validation'))
+                              ivf_storage='float32', split='train+validation'))
   opened = indexes.load(folder)
   assert opened.metadata['global']['search']['kind'] == search
   splits = ['train', 'validation'] if search == 'ivf' else ['train']
@@ -154,6 +155,88 @@ def test_global_search_of_an_index_image_returns_itself_first(world, built, tmp_
   assert np.all(scores[:, 0] >= scores[:, 1])
   one_scores, one_rows = opened.global_search(opened.global_descriptors[5] * 7.0, k=1)
   assert one_rows.tolist() == [[5]] and one_scores[0, 0] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_auto_global_search_builds_ivf_only_above_the_measured_row_count(world, tmp_path,
+                                                                         monkeypatch):
+  limit = index_builder.AUTO_IVF_ROWS
+  assert index_builder.global_search_kind('auto', limit) == 'flat'
+  assert index_builder.global_search_kind('auto', limit + 1) == 'ivf'
+  # An explicit choice is kept whatever the size.
+  assert index_builder.global_search_kind('flat', 100 * limit) == 'flat'
+  assert index_builder.global_search_kind('ivf', 100) == 'ivf'
+  assert index_builder.IndexConfig.global_search == 'auto'
+  # The whole build with the limit just below its image count: an IVF of float16 rows that
+  # finds every image first, within float16's rounding (the default build, at the limit, is flat).
+  images = len(read_split(world['records'], 'train'))
+  monkeypatch.setattr(index_builder, 'AUTO_IVF_ROWS', images - 1)
+  folder = str(tmp_path / 'auto')
+  index_builder.build_index(_config(world, 'sift', folder, max_features=20))
+  opened = indexes.load(folder)
+  assert opened.num_images == images
+  search = opened.metadata['global']['search']
+  assert search == {'kind': 'ivf', 'nlist': 1, 'nprobe': 1, 'storage': 'float16'}
+  scores, rows = opened.global_search(opened.global_descriptors, k=2)
+  np.testing.assert_array_equal(rows[:, 0], np.arange(images))
+  np.testing.assert_allclose(scores[:, 0], 1.0, atol=2e-3)
+
+
+def _clustered(rng, rows, dim, centres):
+  """L2-normalised rows around `centres` cluster centres, which are grouped in turn (as the
+  global descriptors of similar-looking landmarks are): bench_global_search.py's mixture."""
+  def unit(array):
+    return (array / np.linalg.norm(array, axis=1, keepdims=True)).astype(np.float32)
+  groups = unit(rng.standard_normal((centres // 20, dim)))
+  middles = unit(groups[rng.integers(len(groups), size=centres)] +
+                 rng.standard_normal((centres, dim)) / np.sqrt(dim))
+  return unit(middles[rng.integers(centres, size=rows)] +
+              rng.standard_normal((rows, dim)) / np.sqrt(dim))
+
+
+def test_the_ivf_of_the_auto_rule_finds_95_percent_of_the_exact_top_100():
+  import faiss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # Just above the size where auto starts building IVFs: the smallest IVF it builds.
+  rows, dim = index_builder.AUTO_IVF_ROWS + 1000, 64
+  # The queries are further draws of the same mixture, not index rows.
+  descriptors, queries = np.split(_clustered(rng, rows + 100, dim, rows // 20), [rows])
+  descriptors = np.ascontiguousarray(descriptors)
+  flat = faiss.IndexFlatIP(dim)
+  flat.add(descriptors)
+  truth = flat.search(queries, 100)[1]
+  cells = index_builder.ivf_cells(rows)
+  ivf = index_builder.build_global_ivf(descriptors, cells, 'float16')
+  ivf.nprobe = index_builder.ivf_probes(rows, cells)
+  found = ivf.search(queries, 100)[1]
+  recall = np.mean([len(np.intersect1d(a, b)) / 100 for a, b in zip(found, truth)])
+  assert recall >= 0.95
+
+
+def test_a_single_query_searches_on_the_measured_thread_count(built):
+  import faiss  # pylint: disable=g-import-not-at-top
+  opened = indexes.load(built['sift'])
+
+  class Recorder:
+    """The index's faiss search, recording faiss's thread count at each call."""
+
+    def __init__(self, search):
+      self.search_index, self.threads = search, []
+
+    def search(self, queries, k):
+      self.threads.append(faiss.omp_get_max_threads())
+      return self.search_index.search(queries, k)
+
+  recorder = Recorder(opened._search_index())  # pylint: disable=protected-access
+  opened._search = recorder  # pylint: disable=protected-access
+  previous = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(2)
+  try:
+    opened.global_search(opened.global_descriptors[0], k=3)
+    opened.global_search(opened.global_descriptors[:4], k=3)
+    assert recorder.threads == [indexes.SINGLE_QUERY_THREADS, 2]
+    assert faiss.omp_get_max_threads() == 2  # Restored after the single query.
+  finally:
+    faiss.omp_set_num_threads(previous)
 
 
 def _cli(*args):

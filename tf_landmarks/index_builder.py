@@ -8,13 +8,19 @@ GLDv2 scale are in `tf_landmarks/indexes.py`, which also reads it.
 
   build_index(IndexConfig) -> dict       builds (or with resume=True finishes) an index; returns
                                          what it writes to index.json
+  global_search_kind(setting, images)    'flat' or 'ivf': what --global_search gives `images` images
+  ivf_cells(images, requested=0), ivf_probes(images, cells, requested=0)   the IVF's cells and
+                                         the cells searched per query (the measured rules)
+  build_global_ivf(descriptors, cells, storage) -> faiss.Index   the IVF of the global descriptors
 
 Each records shard is a unit of work and gives one index shard, written under temporary names and
 renamed into place, so an interrupted build continues with `--resume` from the first unfinished
 shard, and a folder without index.json is never taken for an index. One build at a time writes a
 folder (a lock held while it runs). The last step joins the shards' image lists into the sorted
-table, keeping each image id once (its first occurrence, train before validation), and writes
-index.json with the checksums of every file.
+table, keeping each image id once (its first occurrence, train before validation), sorts the global
+descriptors into global.npy through a memory-mapped scratch file (never whole in memory), builds the
+IVF above AUTO_IVF_ROWS images (--global_search=auto; BUILD_NOTES.md, "Global search at scale"), and
+writes index.json with the checksums of every file.
 
 Images: local features come from the image as stored in the records; global descriptors from the
 classifier's evaluation crop (`data.make_dataset(..., training=False, backbone=None)`), exactly
@@ -26,6 +32,8 @@ import datetime
 import io
 import json
 import math
+import os
+import tempfile
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import faiss
@@ -52,6 +60,19 @@ ALREADY_FINISHED = 'already_finished'
 SPLITS = {'train': ('train',), 'train+validation': ('train', 'validation')}
 # faiss wants about 39 training vectors per IVF cell; fewer gives poorly placed centroids.
 _MIN_VECTORS_PER_CELL = 39
+GLOBAL_SEARCHES = ('auto', 'flat', 'ivf')
+IVF_STORAGES = ('float16', 'float32')
+# --global_search=auto builds an IVF above this many images, flat up to it: one exact search over
+# more rows took longer than the 5 ms target (bench/bench_global_search.py, BUILD_NOTES.md
+# "Global search at scale").
+AUTO_IVF_ROWS = 20_000
+# --ivf_nprobe=0 searches the cells that hold about this many rows: at 1 M rows 66 of 4,000 cells
+# (the bench's 64 of 4,096 took 4 ms per float16 search, recall@100 1.000 on its default mixture and
+# 0.908 on the harder one); at fewer rows, whose cells are smaller, a larger share of them
+# (bench/bench_global_search.py, BUILD_NOTES.md "Global search at scale").
+IVF_SCANNED_ROWS = 16384
+# Descriptors per step when global.npy and the IVF are filled: bounds the memory of both.
+_GLOBAL_CHUNK = 65536
 _TEMPORARY = '.part'
 
 
@@ -88,12 +109,17 @@ class IndexConfig:
       100000, 'DELF: at most this many descriptors (drawn at random from the sampled images) fit '
       'the PCA.', lower=2)
   global_search: str = setting(
-      'flat', 'Global search structure: flat (exact inner product) or ivf (faiss IndexIVFFlat, '
-      'for large indexes: searches only --ivf_nprobe of --ivf_nlist cells).',
-      choices=('flat', 'ivf'))
+      'auto', 'Global search structure: flat (exact inner product), ivf (faiss IVF: searches only '
+      '--ivf_nprobe of --ivf_nlist cells), or auto: flat up to AUTO_IVF_ROWS images (the size at '
+      'which one exact search stops meeting 5 ms, bench/bench_global_search.py), ivf above.',
+      choices=GLOBAL_SEARCHES)
   ivf_nlist: int = setting(0, 'IVF cells; 0: 4·sqrt(images), at most images / 39.', lower=0)
-  ivf_nprobe: int = setting(32, 'IVF cells searched per query (the reader may change it).',
-                            lower=1)
+  ivf_nprobe: int = setting(
+      0, 'IVF cells searched per query (the reader may change it); 0: the cells that hold about '
+      'IVF_SCANNED_ROWS (16,384) images, ceil(cells · 16384 / images).', lower=0)
+  ivf_storage: str = setting(
+      'float16', 'How the IVF holds each descriptor: float16 (half the memory, the same recall '
+      'in bench/bench_global_search.py) or float32.', choices=IVF_STORAGES)
   batch_size: int = setting(64, 'Images per batch of the global descriptor model.', lower=1,
                             runtime=True)
   resume: bool = setting(False, 'Continue an interrupted build in --output_dir, skipping its '
@@ -400,9 +426,52 @@ def _prepare_output(config: IndexConfig, fingerprint: dict) -> bool:
   return False
 
 
-def _ivf_cells(config: IndexConfig, count: int) -> int:
-  wanted = config.ivf_nlist or round(4 * math.sqrt(count))
-  return max(1, min(wanted, count // _MIN_VECTORS_PER_CELL))
+def global_search_kind(global_search: str, images: int) -> str:
+  """The structure --global_search=`global_search` gives an index of `images` images: flat or ivf.
+  """
+  if global_search == 'auto':
+    return 'ivf' if images > AUTO_IVF_ROWS else 'flat'
+  return global_search
+
+
+def ivf_cells(images: int, requested: int = 0) -> int:
+  """The IVF cells of an index of `images` images: `requested` (--ivf_nlist), or with 0
+  4·sqrt(images); at most images / 39, the fewest training rows per cell faiss accepts."""
+  wanted = requested or round(4 * math.sqrt(images))
+  return max(1, min(wanted, images // _MIN_VECTORS_PER_CELL))
+
+
+def ivf_probes(images: int, cells: int, requested: int = 0) -> int:
+  """The IVF cells searched per query: `requested` (--ivf_nprobe), or with 0 those that hold about
+  IVF_SCANNED_ROWS of the `images` rows; at most `cells`."""
+  wanted = requested or math.ceil(cells * IVF_SCANNED_ROWS / images)
+  return max(1, min(wanted, cells))
+
+
+def build_global_ivf(descriptors: np.ndarray, cells: int, storage: str) -> faiss.Index:
+  """An inner-product IVF over `descriptors` (rows in index order; a memory map is read in chunks).
+
+  Args:
+    descriptors: float32 [images, E], L2-normalised.
+    cells: IVF cells (k-means centroids, seeded: the same descriptors give the same cells).
+    storage: one of IVF_STORAGES, how the IVF holds each descriptor.
+
+  Returns:
+    The filled faiss index, its ids the row numbers.
+  """
+  dim = descriptors.shape[1]
+  quantizer = faiss.IndexFlatIP(dim)
+  if storage == 'float16':
+    ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16,
+                                        faiss.METRIC_INNER_PRODUCT)
+  else:
+    ivf = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+  ivf.cp.seed = 0
+  # k-means samples at most 256 rows per cell from what it is given, reading a memory map in place.
+  ivf.train(descriptors)
+  for start in range(0, len(descriptors), _GLOBAL_CHUNK):
+    ivf.add(np.ascontiguousarray(descriptors[start:start + _GLOBAL_CHUNK], np.float32))
+  return ivf
 
 
 def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descriptor_dim: int,
@@ -411,8 +480,13 @@ def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descri
   """Joins the shards' image lists into the sorted table, its record offsets and global.npy,
   keeping each image id once; writes index.json last."""
   output_dir = config.output_dir
-  parts = [_load_npz(unit.files(output_dir).images) for unit in units]
-  global_dims = {part['global_descriptors'].shape[1] for part in parts}
+  # The shards' global descriptors are dropped as they are read and read again below, in index
+  # order, into a file-backed array: at GLDv2 scale they never sit in memory whole.
+  parts, global_dims = [], set()
+  for unit in units:
+    part = _load_npz(unit.files(output_dir).images)
+    global_dims.add(part.pop('global_descriptors').shape[1])
+    parts.append(part)
   if len(global_dims) != 1:
     raise LandmarkIndexError(f'the shards of {output_dir} hold global descriptors of sizes '
                              f'{sorted(global_dims)}; rebuild with --overwrite')
@@ -440,26 +514,43 @@ def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descri
              order.shape)
   _write_npy(files.join(output_dir, indexes.RECORD_OFFSETS_FILE), [record_offsets[order]],
              np.int64, order.shape)
-  global_descriptors = np.concatenate([part['global_descriptors'] for part in parts])
-  global_dim = global_descriptors.shape[1]
-  chunk = 65536
-  _write_npy(files.join(output_dir, indexes.GLOBAL_FILE),
-             (global_descriptors[order[start:start + chunk]]
-              for start in range(0, len(order), chunk)), np.float32, (len(order), global_dim))
+  global_dim = global_dims.pop()
   written = [indexes.TABLE_FILE, indexes.RECORD_OFFSETS_FILE, indexes.GLOBAL_FILE]
-  search = {'kind': config.global_search}
-  if config.global_search == 'ivf':
-    cells = _ivf_cells(config, len(order))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(global_dim), global_dim, cells,
-                             faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = 0  # The same descriptors give the same cells.
-    sorted_descriptors = np.ascontiguousarray(global_descriptors[order])
-    ivf.train(sorted_descriptors)
-    ivf.add(sorted_descriptors)
-    files.write_atomically(files.join(output_dir, indexes.IVF_FILE),
-                           faiss.serialize_index(ivf).tobytes())
-    search.update(nlist=cells, nprobe=min(config.ivf_nprobe, cells))
-    written.append(indexes.IVF_FILE)
+  search = {'kind': global_search_kind(config.global_search, len(order))}
+  with tempfile.TemporaryDirectory(prefix='tfl-build-index-') as scratch:
+    # Local even when the index goes to gs://: a memory map of the sorted descriptors, whose pages
+    # the kernel may drop, instead of a copy in memory.
+    in_order = np.lib.format.open_memmap(os.path.join(scratch, indexes.GLOBAL_FILE), mode='w+',
+                                         dtype=np.float32, shape=(len(order), global_dim))
+    position = np.full(len(ids), -1, np.int64)
+    position[order] = np.arange(len(order))
+    first_row = 0
+    for unit, part in zip(units, parts):
+      rows = _load_npz(unit.files(output_dir).images)['global_descriptors']
+      if len(rows) != len(part['ids']):
+        raise LandmarkIndexError(f'{unit.files(output_dir).images} holds {len(part["ids"])} image '
+                                 f'ids and {len(rows)} global descriptors; rebuild with '
+                                 '--overwrite')
+      targets = position[first_row:first_row + len(rows)]
+      in_order[targets[targets >= 0]] = rows[targets >= 0]
+      first_row += len(rows)
+    in_order.flush()
+    _write_npy(files.join(output_dir, indexes.GLOBAL_FILE),
+               (in_order[start:start + _GLOBAL_CHUNK]
+                for start in range(0, len(order), _GLOBAL_CHUNK)), np.float32,
+               (len(order), global_dim))
+    if search['kind'] == 'ivf':
+      cells = ivf_cells(len(order), config.ivf_nlist)
+      # Written to the scratch folder by faiss, not serialised into memory: no second copy.
+      scratch_ivf = os.path.join(scratch, indexes.IVF_FILE)
+      faiss.write_index(build_global_ivf(in_order, cells, config.ivf_storage), scratch_ivf)
+      ivf_path = files.join(output_dir, indexes.IVF_FILE)
+      tf.io.gfile.copy(scratch_ivf, ivf_path + _TEMPORARY, overwrite=True)
+      tf.io.gfile.rename(ivf_path + _TEMPORARY, ivf_path, overwrite=True)
+      search.update(nlist=cells, nprobe=ivf_probes(len(order), cells, config.ivf_nprobe),
+                    storage=config.ivf_storage)
+      written.append(indexes.IVF_FILE)
+    del in_order
   if pca is not None:
     written.append(indexes.PCA_FILE)
   for unit in units:

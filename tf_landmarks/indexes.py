@@ -45,7 +45,10 @@ On-disk layout:
                          its records shard (the shard's `records_file`), so `stored_image` reads
                          one record instead of scanning the records.
   global.npy             float32 [images, E]: the L2-normalised global descriptors, in table order.
-  global_ivf.faiss       with --global_search=ivf only: a serialised faiss IndexIVFFlat over them.
+  global_ivf.faiss       an IVF index only (--global_search=ivf, or auto above
+                         index_builder.AUTO_IVF_ROWS images): a serialised faiss IVF over them,
+                         its rows stored as float16 (IndexIVFScalarQuantizer) or float32
+                         (IndexIVFFlat) as index.json's global.search.storage says.
   pca.npz                DELF with --pca_dim > 0: the PCA (`local_features.delf.save_pca`), fitted
                          on descriptors sampled from the index's own images; queries must use it.
   shards/<split>-NNNNN.descriptors.npy   float16 [F, D]: the local descriptors of the images of
@@ -80,18 +83,23 @@ features each (--max_features; DELF's --delf_abs_threshold may keep fewer), deci
   | global, 2048-d (ResNet50 softmax)    |                            | 8 KB ×2   | 12.3 GB ×2   |
   | image table (16-byte image ids)      |                            | 40 B      | 60 MB        |
   | record offsets                       |                            | 8 B ×2    | 12 MB ×2     |
-  | IVF (--global_search=ivf, 512-d)     |                            | 2 KB      | 3.1 GB       |
+  | IVF, float16 rows (auto, 512-d)      |                            | 1 KB      | 1.5 GB       |
+  | IVF, float32 rows (512-d)            |                            | 2 KB      | 3.1 GB       |
 
 Global descriptors and record offsets are stored twice (×2): in the folder and in the shards'
-files, which `--resume` needs. The build's last step (sorting them into global.npy) and querying
-(faiss copies them) hold them in memory, 3.1 GB for 512-d; the local features stay on disk, read
-per image.
+files, which `--resume` needs. In memory, the global descriptors are held once, by faiss: a reader
+holds the IVF (1.5 GB for 512-d float16 rows at 1.5 M images) or, for a flat index, faiss's copy
+filled from global.npy's memory map (whose pages the kernel may drop). The build's last step
+sorts them into global.npy through a memory-mapped scratch file in the local temporary folder
+(3.1 GB at 512-d), so only the IVF it builds is held in memory. The local features stay on disk,
+read per image.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -122,6 +130,24 @@ KEYPOINT_COLUMNS = ('x', 'y', 'score', 'scale')
 _REBUILD = 'rebuild it with tfl-build-index --overwrite'
 # Rows per step of the scan for non-finite values: bounds its memory on GLDv2-sized shards.
 _FINITE_CHECK_ROWS = 1 << 18
+# Rows per step when a flat search index is filled from global.npy's memory map.
+_GLOBAL_CHUNK = 65536
+# faiss threads of a single-query global search: one flat query over 1 M rows took 2.1-2.4x longer
+# (medians of two runs) on 2 threads than on 1, an IVF one 1.07x (bench/bench_global_search.py):
+# faiss splits one query's rows between threads that then merge their results.
+SINGLE_QUERY_THREADS = 1
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: Optional[int]) -> Iterator[None]:
+  """Runs the block with faiss on at most `threads` threads (None: unchanged), then restores it."""
+  previous = faiss.omp_get_max_threads()
+  if threads is not None:
+    faiss.omp_set_num_threads(min(previous, threads))
+  try:
+    yield
+  finally:
+    faiss.omp_set_num_threads(previous)
 
 
 class LandmarkIndexError(errors.UserError):
@@ -345,19 +371,25 @@ class Index:
                          scales=np.ascontiguousarray(points[:, 3]))
 
   def _search_index(self) -> faiss.Index:
+    """The faiss index of the global descriptors, the only copy of them in this process's memory:
+    read from global_ivf.faiss, or filled from global.npy's memory map, whose pages the kernel may
+    drop once read."""
     if self._search is None:
       search = self.metadata['global']['search']
       if search['kind'] == 'ivf':
-        self._search = faiss.deserialize_index(np.fromfile(os.path.join(self.path, IVF_FILE),
-                                                           np.uint8))
+        self._search = faiss.read_index(os.path.join(self.path, IVF_FILE))
         self._search.nprobe = self._nprobe or search['nprobe']
       else:
         self._search = faiss.IndexFlatIP(self.global_dim)
-        self._search.add(np.ascontiguousarray(self._global))
+        for start in range(0, self.num_images, _GLOBAL_CHUNK):
+          self._search.add(np.ascontiguousarray(self._global[start:start + _GLOBAL_CHUNK]))
     return self._search
 
   def global_search(self, descriptors: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """The `k` index images most similar to each query descriptor (cosine similarity).
+
+    One query searches with faiss on SINGLE_QUERY_THREADS threads (the setting is restored after);
+    several keep faiss's thread count, which splits the queries between the threads.
 
     Args:
       descriptors: [Q, E] or [E] global descriptors of the queries (normalised here).
@@ -378,8 +410,9 @@ class Index:
       raise ValueError(f'k must be at least 1, got {k}')
     queries = queries / np.sqrt(np.maximum(np.sum(queries * queries, axis=1, keepdims=True),
                                            1e-12))
-    scores, rows = self._search_index().search(np.ascontiguousarray(queries),
-                                               min(k, self.num_images))
+    search = self._search_index()
+    with _faiss_threads(SINGLE_QUERY_THREADS if len(queries) == 1 else None):
+      scores, rows = search.search(np.ascontiguousarray(queries), min(k, self.num_images))
     return scores, rows.astype(np.int64)
 
   def pca(self) -> Optional[delf_features.Pca]:
@@ -445,7 +478,7 @@ def load(path: str, verify: bool = False, *, nprobe: Optional[int] = None) -> In
     path: the index folder (local).
     verify: hash every file whatever the last check found, and scan the descriptors, keypoints
       and global descriptors for NaN or infinity.
-    nprobe: IVF cells searched per query (an --global_search=ivf index); default: the build's.
+    nprobe: IVF cells searched per query (an index with an IVF); default: the build's.
 
   Raises:
     LandmarkIndexError: not a finished index, a remote path, an incomplete index.json, or a file
