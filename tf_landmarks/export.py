@@ -195,7 +195,7 @@ class _ClassifierModule(tf.Module):
             is_png & (png_pixels > self._max_image_pixels))))
     stage = stage.map(self._decode).ignore_errors().with_options(_stage_options())
     items = iter(stage)
-    size_s = self._image_size
+    side = self._image_size
 
     def step(done, positions, codes, sizes, crops):
       item = items.get_next_as_optional()
@@ -209,7 +209,7 @@ class _ClassifierModule(tf.Module):
         usable_crops = tf.cond(
             code == _DECODED,
             lambda: crops.write(crops.size(),
-                                data.eval_crop(self._cap_long_side(image), size_s)),
+                                data.eval_crop(self._cap_long_side(image), side)),
             lambda: crops)
         return (False, positions.write(positions.size(), position),
                 codes.write(codes.size(), code), sizes.write(sizes.size(), size), usable_crops)
@@ -223,7 +223,7 @@ class _ClassifierModule(tf.Module):
     _, positions, codes, sizes, crops = tf.while_loop(
         lambda done, *_: ~done, step,
         (False, array(tf.int32, []), array(tf.int32, []), array(tf.int32, [2]),
-         array(tf.uint8, [size_s, size_s, 3])))
+         array(tf.uint8, [side, side, 3])))
     rows = positions.stack()[:, tf.newaxis]
     return (tf.tensor_scatter_nd_update(tf.fill([count], -1), rows, codes.stack()),
             tf.tensor_scatter_nd_update(tf.zeros([count, 2], tf.int32), rows, sizes.stack()),
