@@ -12,8 +12,8 @@ of --batch_sizes (the first images of --images, JPEGs):
                  (e.g. main's), if given; its outputs are compared with --export's bit for bit
 
 Each sample is --calls calls of one side. The ratios are taken within each round: the targets are
-floats+decode ≤ 1.5× bytes's time for one image, and bytes ≥ 0.8× the images/s of floats for a
-batch of 32.
+bytes ≤ 1.5× the time of floats+decode for one image, and bytes ≥ 0.8× the images/s of floats for
+a batch of 32.
 
 Usage (from the repository root, after `make demo`):
   .venv/bin/python bench/bench_serving.py --export=exports/demo

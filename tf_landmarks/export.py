@@ -65,18 +65,6 @@ _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-def _stage_options() -> tf.data.Options:
-  """Options of serve_bytes' decoding stage: tf.data's graph rewrites and autotuning off.
-
-  They run each time the stage starts, which is on every call, and a one-map pipeline over a
-  request's items has nothing for them to gain.
-  """
-  options = tf.data.Options()
-  options.experimental_optimization.apply_default_optimizations = False
-  options.autotune.enabled = False
-  return options
-
-
 # One error for the stage and the artifact it writes.
 ExportError = exports.ExportError
 
@@ -158,6 +146,18 @@ class _ClassifierModule(tf.Module):
                    lambda: tf.cast(tf.image.resize(image, target, method='area') + 0.5, tf.uint8),
                    lambda: image)
 
+  @staticmethod
+  def _stage_options() -> tf.data.Options:
+    """Options of the decoding stage: tf.data's graph rewrites and autotuning off.
+
+    They run each time the stage starts, which is on every call, and a one-map pipeline over a
+    request's items has nothing for them to gain.
+    """
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.autotune.enabled = False
+    return options
+
   def _decode(self, position: tf.Tensor, encoded: tf.Tensor, jpeg_header: tf.Tensor,
               too_many_png_pixels: tf.Tensor):
     """(position, too many pixels?, image) of one checked item, in the tf.data stage: a corrupt
@@ -193,7 +193,7 @@ class _ClassifierModule(tf.Module):
         tf.boolean_mask(value, checked) for value in (
             tf.range(count), images, tf.where(is_png, self._stand_in_jpeg, images),
             is_png & (png_pixels > self._max_image_pixels))))
-    stage = stage.map(self._decode).ignore_errors().with_options(_stage_options())
+    stage = stage.map(self._decode).ignore_errors().with_options(self._stage_options())
     items = iter(stage)
     side = self._image_size
 
