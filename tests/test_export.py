@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_landmarks import data
 from tf_landmarks import export
@@ -141,6 +142,86 @@ def test_float_image_signature_matches_the_bytes_signature(exported, serving):
   from_bytes = serve(images=tf.constant([jpeg]))
   np.testing.assert_array_equal(from_floats['landmark_ids'], from_bytes['landmark_ids'])
   np.testing.assert_allclose(from_floats['scores'], from_bytes['scores'], atol=1e-5)
+
+
+def _smooth(height, width, channels=3, seed=0):
+  """A photo-like image (blocks blurred by resizing up): JPEG keeps it close, unlike noise."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), channels), np.uint8)
+  return np.asarray(Image.fromarray(small.squeeze()).resize((width, height), Image.BILINEAR))
+
+
+def _capped(pixels, max_side):
+  """The records build's long-side cap (area filter, rounded), as the serving graph applies it."""
+  size = tf.cast(tf.shape(pixels)[:2], tf.float32)
+  scale = min(1.0, max_side / float(tf.reduce_max(size)))
+  if scale == 1.0:
+    return tf.cast(pixels, tf.float32)
+  target = tf.cast(tf.maximum(tf.round(size * scale), 1.0), tf.int32)
+  return tf.cast(tf.cast(tf.image.resize(pixels, target, method='area') + 0.5, tf.uint8),
+                 tf.float32)
+
+
+def test_bytes_give_bit_for_bit_the_float_signatures_answer_for_jpegs_and_pngs(exported, serving):
+  """Decoding, the long-side cap and the crop in serving_default feed the model the very pixels
+  predict_images gets from the decoded, capped image: the same outputs bit for bit, for JPEGs and
+  PNGs (grey, RGBA) below and above the cap, alone and in a batch with bad items."""
+  loaded, serve = serving
+  max_side = exported['description'].classifier.max_image_side
+  assert max_side == 128
+  images = {
+      'JPEG 100x80': _encode(_smooth(100, 80), 'JPEG', quality=90),
+      'PNG 100x80': _encode(_smooth(100, 80, seed=1), 'PNG'),
+      'JPEG 300x200 (capped)': _encode(_smooth(300, 200, seed=2), 'JPEG', quality=90),
+      'PNG 129x128 (capped)': _encode(_smooth(129, 128, seed=3), 'PNG'),
+      'grey PNG 40x500 (capped)': _encode(_smooth(40, 500, 1, seed=4), 'PNG'),
+      'RGBA PNG 64x96': _encode(_smooth(64, 96, 4, seed=5), 'PNG'),
+      'progressive JPEG 200x150 (capped)': _encode(_smooth(200, 150, seed=6), 'JPEG',
+                                                   progressive=True),
+  }
+  alone = {}
+  for name, encoded in images.items():
+    pixels = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    expected = loaded.signatures['predict_images'](images=_capped(pixels, max_side)[tf.newaxis])
+    alone[name] = serve(images=tf.constant([encoded]))
+    assert alone[name]['status'].numpy()[0] == b'ok', name
+    for output in ('landmark_ids', 'scores', 'embeddings'):
+      np.testing.assert_array_equal(alone[name][output].numpy(), expected[output].numpy(),
+                                    err_msg=f'{name}: {output}')
+  good = list(images.values())
+  png_bomb = bytearray(images['PNG 100x80'])
+  png_bomb[16:24] = (60000).to_bytes(4, 'big') * 2
+  bad = [b'', bytes(png_bomb), b'\x89PNG\r\n\x1a\n\x00\x00', b'\xff\xd8\xff\xe0', good[0][:300]]
+  mixed = [bad[0], *good[:3], *bad[1:], *good[3:]]
+  outputs = serve(images=tf.constant(mixed))
+  statuses = [status.decode() for status in outputs['status'].numpy()]
+  assert statuses == ['empty', 'ok', 'ok', 'ok', 'more than 100000000 pixels'] + [
+      'corrupt or truncated image'] * 3 + ['ok'] * 4
+  rows = [1, 2, 3, 8, 9, 10, 11]
+  for row, name in zip(rows, images):
+    # A batch of another size may round the last bits differently inside the backbone.
+    np.testing.assert_array_equal(outputs['landmark_ids'][row].numpy(),
+                                  alone[name]['landmark_ids'][0].numpy(), err_msg=name)
+    np.testing.assert_allclose(outputs['embeddings'][row].numpy(),
+                               alone[name]['embeddings'][0].numpy(), atol=1e-5, err_msg=name)
+
+
+def test_the_decoding_pipeline_holds_no_conditional(exported):
+  """Each serving_default call sets up its tf.data stage anew, instantiating its functions; with
+  the checks and the crop's tf.conds inside, that cost ~200–600 ms per call on the demo's
+  classifier, ~10× the model. The stage keeps only what can raise, and no conditional."""
+  saved_model = saved_model_pb2.SavedModel()
+  with open(os.path.join(exported['export'], 'classifier', '1', 'saved_model.pb'), 'rb') as f:
+    saved_model.ParseFromString(f.read())
+  graph = saved_model.meta_graphs[0].graph_def
+  functions = {function.signature.name: function for function in graph.library.function}
+  mapped = [node.attr['f'].func.name for function in functions.values()
+            for node in function.node_def if node.op in ('MapDataset', 'ParallelMapDatasetV2')]
+  assert mapped
+  for name in mapped:
+    operations = {node.op for node in functions[name].node_def}
+    assert not operations & {'If', 'StatelessIf', 'While', 'StatelessWhile', 'Case'}, operations
+    assert len(functions[name].node_def) <= 20, sorted(operations)
 
 
 def test_tf_serving_rest_body_becomes_the_signature_input(exported, serving):

@@ -58,7 +58,8 @@ from tf_landmarks.models import classifier as classifier_lib
 from tf_landmarks.models import delf as delf_model
 from tf_landmarks.settings import setting
 
-# Decoding codes of the tf.data pipeline; an item that fails to decode does not come out at all.
+# What became of a checked item in serve_bytes; one that fails to decode does not come out of the
+# tf.data stage at all (-1).
 _DECODED, _TOO_SMALL, _TOO_MANY_PIXELS = 0, 1, 2
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -97,7 +98,16 @@ class ExportConfig:
 
 
 class _ClassifierModule(tf.Module):
-  """The serving graph of a `LandmarkClassifier`: decoding, checks, crop, model, label map."""
+  """The serving graph of a `LandmarkClassifier`: decoding, checks, crop, model, label map.
+
+  A `tf.data` pipeline started inside a signature is set up anew on every call: its functions are
+  instantiated and optimised each time, at a cost that grows with what they hold (~200–600 ms per
+  call when the pipeline checked, decoded, capped and cropped with nested `tf.cond`s). So the
+  pipeline holds only what can raise (reading a JPEG header, decoding), with no `tf.cond` and
+  tf.data's graph rewrites off; the checks that cannot raise run before it on the whole batch at
+  once, and the resizing and cropping after it, in a loop of the signature's own graph, set up once
+  at load.
+  """
 
   def __init__(self, model: classifier_lib.LandmarkClassifier, landmark_ids: Sequence[int], *,
                image_size: int, max_image_side: int, min_image_side: int, top_k: int,
@@ -112,6 +122,9 @@ class _ClassifierModule(tf.Module):
     self._top_k = min(int(top_k), len(landmark_ids))
     self._max_image_bytes = int(max_image_bytes)
     self._max_image_pixels = int(max_image_pixels)
+    # Read and decoded in place of an item that must not be (a PNG has no JPEG header; an image
+    # declaring too many pixels is not decoded): tf.where on the bytes instead of a tf.cond.
+    self._stand_in_jpeg = tf.io.encode_jpeg(tf.zeros([1, 1, 3], tf.uint8)).numpy()
 
   def _outputs(self, crops: tf.Tensor) -> Dict[str, tf.Tensor]:
     """landmark_ids, scores and embeddings of uint8 evaluation crops [N, S, S, 3]."""
@@ -133,43 +146,88 @@ class _ClassifierModule(tf.Module):
                    lambda: tf.cast(tf.image.resize(image, target, method='area') + 0.5, tf.uint8),
                    lambda: image)
 
-  def _header_pixels(self, encoded: tf.Tensor) -> tf.Tensor:
-    """Pixels the JPEG or PNG header declares (int64), read without decoding."""
-    is_png = tf.strings.substr(encoded, 0, 8) == _PNG_MAGIC
+  @staticmethod
+  def _stage_options() -> tf.data.Options:
+    """Options of the decoding stage: tf.data's graph rewrites and autotuning off.
 
-    def png_pixels():
-      # IHDR: width and height as big-endian uint32 at bytes 16..23.
-      header = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8)
-      values = tf.cast(header, tf.int64)
-      width = values[0] * 2**24 + values[1] * 2**16 + values[2] * 2**8 + values[3]
-      height = values[4] * 2**24 + values[5] * 2**16 + values[6] * 2**8 + values[7]
-      return width * height
+    They run each time the stage starts, which is on every call, and a one-map pipeline over a
+    request's items has nothing for them to gain.
+    """
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.autotune.enabled = False
+    return options
 
-    def jpeg_pixels():
-      shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
-      return shape[0] * shape[1]
+  def _decode(self, position: tf.Tensor, encoded: tf.Tensor, jpeg_header: tf.Tensor,
+              too_many_png_pixels: tf.Tensor):
+    """(position, too many pixels?, image) of one checked item, in the tf.data stage: a corrupt
+    JPEG header or a corrupt image raises, and the stage drops the item.
 
-    return tf.cond(is_png, png_pixels, jpeg_pixels)
+    As few operations as can be: each one costs ~0.1–0.2 ms of set-up per call. jpeg_header is the
+    item, or a stand-in JPEG for a PNG (whose pixels were counted outside).
+    """
+    jpeg_shape = tf.image.extract_jpeg_shape(jpeg_header, output_type=tf.int64)
+    too_many = too_many_png_pixels | (tf.reduce_prod(jpeg_shape[:2]) > self._max_image_pixels)
+    image = tf.io.decode_image(tf.where(too_many, self._stand_in_jpeg, encoded), channels=3,
+                               expand_animations=False)
+    return position, too_many, image
 
-  def _decode(self, position: tf.Tensor, encoded: tf.Tensor):
-    """(position, crop, code, height, width) of one checked item; a failure raises (and is
-    dropped by the pipeline)."""
-    pixels = self._header_pixels(encoded)
-    empty = (tf.zeros([self._image_size, self._image_size, 3], tf.uint8),
-             tf.zeros([2], tf.int32))
+  def _decode_and_crop(self, images: tf.Tensor, checked: tf.Tensor, is_png: tf.Tensor):
+    """Decodes the checked items and crops those usable.
 
-    def decode():
-      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-      size = tf.shape(image)[:2]
-      return tf.cond(
-          tf.reduce_min(size) < self._min_image_side,
-          lambda: (empty[0], size, _TOO_SMALL),
-          lambda: (data.eval_crop(self._cap_long_side(image), self._image_size), size, _DECODED))
+    Returns:
+      codes int32 [B] (_DECODED, _TOO_SMALL, _TOO_MANY_PIXELS, or -1: failed to decode), sizes
+      int32 [B, 2] (height, width of the decoded items) and the evaluation crops of the items
+      coded _DECODED, in batch order.
+    """
+    count = tf.shape(images)[0]
+    lengths = tf.strings.length(images)
+    # The PNG header's IHDR: width and height as big-endian uint32 at bytes 16..23, read for the
+    # whole batch at once (zeros past the end of a short item, whose decoding then fails).
+    header = tf.strings.substr(images, tf.minimum(lengths, 16), tf.fill([count], 8)) + b'\0' * 8
+    values = tf.cast(tf.io.decode_raw(tf.strings.substr(header, 0, 8), tf.uint8), tf.int64)
+    big_endian = tf.constant([2**24, 2**16, 2**8, 1], tf.int64)
+    png_pixels = (tf.reduce_sum(values[:, :4] * big_endian, axis=1) *
+                  tf.reduce_sum(values[:, 4:] * big_endian, axis=1))
+    stage = tf.data.Dataset.from_tensor_slices(tuple(
+        tf.boolean_mask(value, checked) for value in (
+            tf.range(count), images, tf.where(is_png, self._stand_in_jpeg, images),
+            is_png & (png_pixels > self._max_image_pixels))))
+    stage = stage.map(self._decode).ignore_errors().with_options(self._stage_options())
+    items = iter(stage)
+    side = self._image_size
 
-    crop, size, code = tf.cond(pixels > self._max_image_pixels,
-                               lambda: (empty[0], tf.zeros([2], tf.int32), _TOO_MANY_PIXELS),
-                               decode)
-    return position, crop, code, size
+    def step(done, positions, codes, sizes, crops):
+      item = items.get_next_as_optional()
+
+      def take():
+        position, too_many, image = item.get_value()
+        size = tf.shape(image)[:2]
+        code = tf.where(too_many, _TOO_MANY_PIXELS,
+                        tf.where(tf.reduce_min(size) < self._min_image_side, _TOO_SMALL,
+                                 _DECODED))
+        usable_crops = tf.cond(
+            code == _DECODED,
+            lambda: crops.write(crops.size(),
+                                data.eval_crop(self._cap_long_side(image), side)),
+            lambda: crops)
+        return (False, positions.write(positions.size(), position),
+                codes.write(codes.size(), code), sizes.write(sizes.size(), size), usable_crops)
+
+      return tf.cond(item.has_value(), take,
+                     lambda: (True, positions, codes, sizes, crops))
+
+    def array(dtype, shape):
+      return tf.TensorArray(dtype, size=0, dynamic_size=True, element_shape=shape)
+
+    _, positions, codes, sizes, crops = tf.while_loop(
+        lambda done, *_: ~done, step,
+        (False, array(tf.int32, []), array(tf.int32, []), array(tf.int32, [2]),
+         array(tf.uint8, [side, side, 3])))
+    rows = positions.stack()[:, tf.newaxis]
+    return (tf.tensor_scatter_nd_update(tf.fill([count], -1), rows, codes.stack()),
+            tf.tensor_scatter_nd_update(tf.zeros([count, 2], tf.int32), rows, sizes.stack()),
+            crops.stack())
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=exports.BYTES_INPUT)])
   def serve_bytes(self, images):
@@ -177,21 +235,11 @@ class _ClassifierModule(tf.Module):
     count = tf.shape(images)[0]
     lengths = tf.strings.length(images)
     magic = tf.strings.substr(images, 0, 8)
-    known_format = tf.logical_or(tf.strings.substr(magic, 0, 3) == _JPEG_MAGIC,
-                                 magic == _PNG_MAGIC)
+    is_png = magic == _PNG_MAGIC
+    known_format = tf.logical_or(tf.strings.substr(magic, 0, 3) == _JPEG_MAGIC, is_png)
     checked = (lengths > 0) & (lengths <= self._max_image_bytes) & known_format
-    positions = tf.boolean_mask(tf.range(count), checked)
-    decoded = tf.data.Dataset.from_tensor_slices(
-        (positions, tf.boolean_mask(images, checked))).map(self._decode).ignore_errors()
-    crops = tf.zeros([count, self._image_size, self._image_size, 3], tf.uint8)
-    codes = tf.fill([count], -1)  # -1: did not come out of the pipeline (corrupt or truncated).
-    sizes = tf.zeros([count, 2], tf.int32)
-    for position, crop, code, size in decoded:
-      crops = tf.tensor_scatter_nd_update(crops, [[position]], crop[tf.newaxis])
-      codes = tf.tensor_scatter_nd_update(codes, [[position]], [code])
-      sizes = tf.tensor_scatter_nd_update(sizes, [[position]], size[tf.newaxis])
+    codes, sizes, usable_crops = self._decode_and_crop(images, checked, is_png)
     usable = codes == _DECODED
-    usable_crops = tf.boolean_mask(crops, usable)
     count_usable = tf.shape(usable_crops)[0]
     # Convolutions on an empty batch fail on CPU (oneDNN); a batch of only bad items runs one
     # blank crop instead, whose outputs are dropped.
