@@ -1,13 +1,13 @@
 r"""tfl-serve under load on loopback, beside tfl-predict's time per query on the same photos.
 
-Starts `tfl-serve` on --export (a subprocess, --threads workers), sends one warm-up request, reads
-its resident memory, then runs --clients concurrent clients for --seconds: each posts one query
-photo at a time (`{"instances": [{"b64": …}]}`, photos taken in turn from the export's test
-records, --queries of them) and waits for the answer. Reported: requests/s, p50/p99 latency,
-errors (a non-200 reply or a prediction without status "ok"; must be 0) and the server's resident
-memory before and after. Then `tfl-predict` answers the same --queries photos (a test CSV over
-them) with the same recognition settings, and its ms/query (predict.json's median and its total
-over the queries) is printed beside.
+Starts `tfl-serve` on --export (a subprocess, --threads workers), warms it up with the same load
+for --warmup_seconds, reads its resident memory, then runs --clients concurrent clients for
+--seconds: each posts one query photo at a time (`{"instances": [{"b64": …}]}`, photos taken in
+turn from the export's test records, --queries of them) and waits for the answer. Reported:
+requests/s, p50/p99 latency, errors (a non-200 reply or a prediction without status "ok"; must be
+0) and the server's resident memory before, every 10 s during and after. Then `tfl-predict`
+answers the same --queries photos (a test CSV over them) with the same recognition settings, and
+its ms/query (predict.json's median and its total over the queries) is printed beside.
 
 Usage (from the repository root):
   .venv/bin/python bench/bench_serve.py --export=exports/demo \
@@ -38,6 +38,8 @@ from tf_landmarks import queries  # pylint: disable=wrong-import-position
 flags.DEFINE_string('export', None, 'The export to serve.', required=True)
 flags.DEFINE_integer('clients', 4, 'Concurrent clients.')
 flags.DEFINE_integer('seconds', 60, 'How long the clients send.')
+flags.DEFINE_integer('warmup_seconds', 15, 'How long the same clients send before the measured '
+                     'run (TensorFlow traces its functions and grows its buffers once).')
 flags.DEFINE_integer('threads', 4, "tfl-serve's worker threads.")
 flags.DEFINE_integer('queries', 48, 'Test photos sent (in turn) and given to tfl-predict.')
 flags.DEFINE_string('first_stage', 'knn', 'Recognition settings, as tfl-predict takes them.')
@@ -93,9 +95,16 @@ def _start_server(log_path: str):
     time.sleep(0.5)
 
 
-def _load(url: str, bodies):
+def _load(url: str, bodies, seconds: float, pid: int):
+  """(latencies of the answers, errors, seconds taken, RSS in MB every 10 s)."""
   latencies, errors, lock = [], [], threading.Lock()
-  stop = time.monotonic() + FLAGS.seconds
+  stop = time.monotonic() + seconds
+  rss = []
+
+  def sample_rss():
+    while time.monotonic() < stop:
+      rss.append(_rss_mb(pid))
+      time.sleep(min(10.0, max(stop - time.monotonic(), 0.0)))
 
   def client(number):
     session = requests.Session()
@@ -113,9 +122,12 @@ def _load(url: str, bodies):
       i += FLAGS.clients
 
   started = time.monotonic()
+  sampler = threading.Thread(target=sample_rss)
+  sampler.start()
   with concurrent.futures.ThreadPoolExecutor(FLAGS.clients) as pool:
     list(pool.map(client, range(FLAGS.clients)))
-  return np.array(latencies), len(errors), time.monotonic() - started
+  sampler.join()
+  return np.array(latencies), len(errors), time.monotonic() - started, rss
 
 
 def main(argv):
@@ -126,10 +138,9 @@ def main(argv):
               for _, jpeg in photos]
     process, url = _start_server(os.path.join(folder, 'serve.log'))
     try:
-      for body in bodies[:2]:  # Warm-up: the first calls trace TensorFlow's functions.
-        requests.post(url, data=body, headers={'Content-Type': 'application/json'}, timeout=300)
+      _, warmup_errors, _, _ = _load(url, bodies, FLAGS.warmup_seconds, process.pid)
       rss_before = _rss_mb(process.pid)
-      latencies, errors, elapsed = _load(url, bodies)
+      latencies, errors, elapsed, rss = _load(url, bodies, FLAGS.seconds, process.pid)
       rss_after = _rss_mb(process.pid)
     finally:
       process.terminate()
@@ -148,8 +159,9 @@ def main(argv):
         f'{len(photos)} photos in turn:')
   p50, p99 = np.percentile(latencies, [50, 99]) * 1000
   print(f'  {len(latencies)} answers, {len(latencies) / elapsed:.2f} requests/s, p50 {p50:.0f} ms, '
-        f'p99 {p99:.0f} ms, errors {errors}')
-  print(f'  server RSS {rss_before:.0f} MB after warm-up, {rss_after:.0f} MB after the load')
+        f'p99 {p99:.0f} ms, errors {errors} (warm-up {FLAGS.warmup_seconds} s: {warmup_errors})')
+  print(f'  server RSS {rss_before:.0f} MB after the warm-up, {rss_after:.0f} MB after the load; '
+        f'every 10 s: {" ".join(f"{mb:.0f}" for mb in rss)} MB')
   print(f'tfl-predict on the same {len(photos)} photos: median {per_query["median"] * 1000:.0f} '
         f'ms/query, {per_query["total"] / len(photos) * 1000:.0f} ms/query over all; '
         f'{predict_wall:.0f} s wall with loading')
