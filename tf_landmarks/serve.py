@@ -18,7 +18,8 @@ that is not JSON, holds no instances or more than `--max_batch`, or is larger th
 `serve(ServeConfig, RecognizerSettings)` runs the app under waitress: its I/O thread buffers each
 request whole before a worker thread sees it, so a slow client holds a connection (at most
 `--max_connections`, closed after `--channel_timeout` seconds without a byte), never a worker; the
-`--threads` workers answer requests in parallel. One log line per request, with its time.
+`--threads` workers answer requests in parallel. One log line per request, with its time. SIGTERM
+stops accepting connections and lets the requests received be answered first.
 """
 
 import base64
@@ -232,10 +233,22 @@ def make_server(config: ServeConfig, recognition: RecognizerSettings, log: TextI
                      f'{error.strerror or error}') from None
 
 
+def _finish_requests(server, seconds: float) -> None:
+  """Stops accepting connections and runs the I/O loop until the requests received are answered
+  and their replies sent (the workers write replies; the loop's thread sends them)."""
+  server.accepting = False
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline and any(
+      channel.requests or channel.total_outbufs_len
+      for channel in list(server.active_channels.values())):
+    server.asyncore.loop(timeout=0.05, map=server._map, count=1)  # pylint: disable=protected-access
+
+
 def serve(config: ServeConfig, recognition: RecognizerSettings, log: TextIO = sys.stderr) -> None:
   """Serves until interrupted (Ctrl-C, or SIGTERM raised as `errors.Terminated`).
 
-  Requests already being answered finish (for up to 10 s) before it returns or re-raises.
+  On SIGTERM no connection is accepted any more, and the requests already received are answered (for
+  up to 30 s) before `errors.Terminated` goes on to the command's one-line exit.
   """
   server = make_server(config, recognition, log)
   log.write(f'tfl-serve: model {model_name(config)} at http://{config.host}:'
@@ -243,6 +256,9 @@ def serve(config: ServeConfig, recognition: RecognizerSettings, log: TextIO = sy
   log.flush()
   try:
     server.run()
+  except errors.Terminated:
+    _finish_requests(server, 30)
+    raise
   finally:
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
     server.close()

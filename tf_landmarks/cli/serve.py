@@ -10,8 +10,8 @@ Examples:
 POST /v1/models/<name>:predict answers {"instances": [{"b64": …}]} with {"predictions": […]} (the
 landmark, its score, whether and how local features verified it); GET /v1/models/<name> is the
 model's status, GET /healthz the service's, and / a page to try a photo on. <name> is the export
-folder's name unless --model_name says otherwise. The recognition flags are tfl-predict's. Ctrl-C
-or SIGTERM stops it after the requests in progress.
+folder's name unless --model_name says otherwise. The recognition flags are tfl-predict's. SIGTERM
+stops it after answering the requests already received (one line, exit 143); Ctrl-C at once.
 """
 
 from tf_landmarks import recognizer
