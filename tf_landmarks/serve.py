@@ -191,7 +191,7 @@ class App:
       prediction = answer.as_json()
       if not with_retrieval:
         del prediction['retrieval']
-      if with_pictures and answer.landmark_id is not None and jpeg is not None:
+      if with_pictures and answer.verified:
         picture = self.recognizer.match_picture(jpeg, answer.landmark_id, answer.index_image)
         prediction['match_picture'] = (None if picture is None else
                                        base64.b64encode(picture.png).decode('ascii'))
