@@ -51,6 +51,7 @@ _BAD_FLAGS = {'tfl-synth': '--num_landmarks=0', 'tfl-build-records': '--examples
               'tfl-inspect-records': '--batch_size=0', 'tfl-train': '--image_size=7',
               'tfl-build-index': '--no_such_flag=1', 'tfl-evaluate': '--report_mistakes=-1',
               'tfl-export': '--top_k=0', 'tfl-predict': '--first_stage=oracle',
+              'tfl-serve': '--port=70000',
               'evaluate_pairs': '--max_features=0'}
 _ENTRY_POINTS = [*_entry_points(), ('evaluate_pairs', 'tf_landmarks.cli.evaluate_pairs')]
 

@@ -19,6 +19,8 @@ from tf_landmarks import indexes
 from tf_landmarks import match_pictures
 from tf_landmarks import predict
 from tf_landmarks import predictions
+from tf_landmarks import queries
+from tf_landmarks import recognizer
 from tf_landmarks import submission
 from tf_landmarks.local_features import ransac
 from helpers import REAL_DATA, REPO, requires_real_data, trained_world
@@ -39,7 +41,10 @@ def _predict(world, output_dir, **overrides):
   settings = dict(export=world['export'], output_dir=str(output_dir), first_stage='classifier',
                   verify_top_k=5, progress=False)
   settings.update(overrides)
-  return predict.predict(predict.PredictConfig(**settings))
+  recognition = {name: settings.pop(name) for name in list(settings)
+                 if name in recognizer.RecognizerSettings.__dataclass_fields__}
+  return predict.predict(predict.PredictConfig(**settings),
+                         recognizer.RecognizerSettings(**recognition))
 
 
 @pytest.fixture(scope='module')
@@ -63,27 +68,27 @@ def _scores(world, output_dir):
 
 
 def test_verified_score_ranks_every_verified_answer_above_every_unverified_one():
-  assert predict.verified_score(15, 0.5, 15) == pytest.approx(1 + 0.5 * 0.5 + 0.5 * 0.5)
-  assert predict.verified_score(45, 1.0, 15) == pytest.approx(1 + 0.5 * 0.75 + 0.5)
-  assert predict.verified_score(15, 0.0, 15) >= 1.0 > 0.999  # Unverified scores are at most 1.
-  assert predict.verified_score(30, 0.2, 15) > predict.verified_score(20, 0.2, 15)
-  assert predict.verified_score(20, 0.4, 15) > predict.verified_score(20, 0.2, 15)
-  assert predict.verified_score(1000, 1.0, 15) < 2.0
+  assert recognizer.verified_score(15, 0.5, 15) == pytest.approx(1 + 0.5 * 0.5 + 0.5 * 0.5)
+  assert recognizer.verified_score(45, 1.0, 15) == pytest.approx(1 + 0.5 * 0.75 + 0.5)
+  assert recognizer.verified_score(15, 0.0, 15) >= 1.0 > 0.999  # Unverified scores are at most 1.
+  assert recognizer.verified_score(30, 0.2, 15) > recognizer.verified_score(20, 0.2, 15)
+  assert recognizer.verified_score(20, 0.4, 15) > recognizer.verified_score(20, 0.2, 15)
+  assert recognizer.verified_score(1000, 1.0, 15) < 2.0
 
 
 def test_knn_scores_are_the_similarity_of_each_landmarks_nearest_image():
-  scores = predict.knn_scores(np.array([0.9, 0.6, 0.3, -0.2, 0.5]),
+  scores = recognizer.knn_scores(np.array([0.9, 0.6, 0.3, -0.2, 0.5]),
                               np.array([7, 8, 7, 9, -1]))  # -1: an empty IVF slot.
   assert scores == pytest.approx({7: 0.9, 8: 0.6})
   # Far from everything is not confident, however the neighbours agree (a vote share would be 1).
-  assert predict.knn_scores(np.array([0.3, 0.29, 0.28]), np.array([4, 4, 4])) == pytest.approx(
+  assert recognizer.knn_scores(np.array([0.3, 0.29, 0.28]), np.array([4, 4, 4])) == pytest.approx(
       {4: 0.3})
-  assert predict.knn_scores(np.array([-0.5, 0.0]), np.array([3, 3])) == {}
+  assert recognizer.knn_scores(np.array([-0.5, 0.0]), np.array([3, 3])) == {}
   # Rounding above 1 stays a confidence.
-  assert predict.knn_scores(np.array([1.0000002]), np.array([5])) == {5: 1.0}
-  assert predict.fuse({7: 0.8, 8: 0.2}, {8: 0.6, 9: 0.4}) == pytest.approx(
+  assert recognizer.knn_scores(np.array([1.0000002]), np.array([5])) == {5: 1.0}
+  assert recognizer.fuse({7: 0.8, 8: 0.2}, {8: 0.6, 9: 0.4}) == pytest.approx(
       {7: 0.4, 8: 0.4, 9: 0.2})
-  assert predict.ranked({5: 0.4, 3: 0.4, 9: 0.2}) == [(3, 0.4), (5, 0.4), (9, 0.2)]
+  assert recognizer.ranked({5: 0.4, 3: 0.4, 9: 0.2}) == [(3, 0.4), (5, 0.4), (9, 0.2)]
 
 
 def test_verification_raises_gap_and_writes_kaggle_submissions(world, predicted):
@@ -129,19 +134,19 @@ def test_retrieval_lists_every_verified_match_first_most_inliers_first():
   # 12 and 14 verified in the re-ranking window, 40 (the answer's image) beyond the nearest rows;
   # 11 checked and rejected.
   inliers_of = {12: 30, 14: 50, 40: 30, 11: 3}
-  assert predict.retrieval_order(nearest, _verified(inliers_of), 15, _distinct_ids) == [
+  assert recognizer.retrieval_order(nearest, _verified(inliers_of), 15, _distinct_ids) == [
       14, 12, 40, 10, 11, 13]
-  assert predict.retrieval_order(nearest, {}, 15, _distinct_ids) == nearest
-  assert predict.retrieval_order(nearest, _verified({13: 15, 10: 14}), 15, _distinct_ids) == [
+  assert recognizer.retrieval_order(nearest, {}, 15, _distinct_ids) == nearest
+  assert recognizer.retrieval_order(nearest, _verified({13: 15, 10: 14}), 15, _distinct_ids) == [
       13, 10, 11, 12, 14]
 
 
 def test_a_retrieval_row_never_repeats_an_image_id():
   # An index built from --singletons=duplicate records holds one image under one id in two rows.
   ids = {10: 'a', 11: 'b', 12: 'a', 13: 'c', 14: 'b'}.get
-  assert predict.retrieval_order([10, 11, 12, 13, 14], {}, 15, ids) == [10, 11, 13]
+  assert recognizer.retrieval_order([10, 11, 12, 13, 14], {}, 15, ids) == [10, 11, 13]
   # A verified duplicate moves to the front, and its twin is not listed again further down.
-  assert predict.retrieval_order([10, 11, 12, 13, 14], _verified({12: 20}), 15, ids) == [
+  assert recognizer.retrieval_order([10, 11, 12, 13, 14], _verified({12: 20}), 15, ids) == [
       12, 11, 13]
 
 
@@ -315,16 +320,16 @@ def test_draw_match_pictures_a_query_against_its_verified_index_image(world, pre
 def test_match_pictures_read_the_queries_in_one_pass(world, predicted, monkeypatch):
   entries = [json.loads(line) for line in open(predicted / 'predictions.jsonl')]
   passes = []
-  original = predict.query_reader
+  original = queries.open_queries
 
-  def counting_reader(config, export):
-    total, read, skipped = original(config, export)
+  def counting_reader(export, **named):
+    total, read, skipped = original(export, **named)
 
     def counted(wanted):
       passes.append(1)
       return read(wanted)
     return total, counted, skipped
-  monkeypatch.setattr(predict, 'query_reader', counting_reader)
+  monkeypatch.setattr(queries, 'open_queries', counting_reader)
   ids = [entry['id'] for entry in entries[:4]]
   match_pictures.drawer(str(predicted), ids)
   assert len(passes) == 1
@@ -356,7 +361,38 @@ def test_real_photos_are_recognised_by_sift_verification_of_every_landmark(tmp_p
   predict.predict(predict.PredictConfig(
       export=str(tmp_path / 'export'), output_dir=str(tmp_path / 'predictions'),
       test_csv=str(REAL_DATA / 'test.csv'), image_dir=str(REAL_DATA / 'images'),
-      verify_top_k=8, progress=False))
+      progress=False), recognizer.RecognizerSettings(verify_top_k=8))
   scores = _scores({'world': str(REAL_DATA)}, tmp_path / 'predictions')
   assert scores['recognition']['gap'] > 0.7, scores
   assert scores['recognition']['gap'] > scores['recognition_unverified']['gap'] + 0.3, scores
+
+
+def test_a_recognizer_answers_one_photo_as_tfl_predict_did(world, predicted):
+  """One code path: the Python API's answer to a query's bytes is tfl-predict's journal entry."""
+  entries = {entry['id']: entry
+             for entry in map(json.loads, open(predicted / 'predictions.jsonl'))}
+  opened = recognizer.Recognizer.open(
+      world['export'], recognizer.RecognizerSettings(first_stage='classifier', verify_top_k=5))
+  _, read, _ = queries.open_queries(opened.export)
+  compared = verified = 0
+  for image_id, query in read(lambda image_id: True):
+    answer = opened.answer(query.jpeg)
+    entry, expected = answer.journal_entry(image_id), entries[image_id]
+    assert entry['status'] == expected['status'] == 'ok'
+    assert entry['prediction'][0] == expected['prediction'][0]
+    assert entry['prediction'][1] == pytest.approx(expected['prediction'][1], abs=1e-4)
+    assert [(c['landmark_id'], c['inliers'], c['index_image']) for c in entry['candidates']] == [
+        (c['landmark_id'], c['inliers'], c['index_image']) for c in expected['candidates']]
+    assert entry['retrieval'] == expected['retrieval']
+    assert answer.verified == (answer.score >= 1.0)
+    if answer.verified:
+      verified += 1
+      picture = opened.match_picture(query.jpeg, answer.landmark_id, answer.index_image)
+      assert picture.index_image == answer.index_image and picture.inliers == answer.inliers
+      assert picture.png.startswith(b'\x89PNG')
+    compared += 1
+    if compared == 6:
+      break
+  assert compared == 6 and verified
+  bad = opened.answer(b'not an image')
+  assert bad.status == 'not a readable image' and bad.landmark_id is None

@@ -63,7 +63,7 @@ def _drawer(predictions_dir, query_ids, notes):
   if not predictions_dir:
     return None
   try:
-    # Imported here: scoring alone does not need the prediction module and the models it loads.
+    # Imported here: scoring alone does not need the recognizer and the models it loads.
     from tf_landmarks import match_pictures  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None

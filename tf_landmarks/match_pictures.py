@@ -1,30 +1,28 @@
 """The report's match pictures: a query beside the index image it was verified against.
 
-`drawer(predictions_dir, query_ids)` opens a finished predictions folder and its export (index and
-local-feature extractor, as the prediction used them) once, reads the images of the queries to
+`drawer(predictions_dir, query_ids)` opens a finished predictions folder and its export (a
+`recognizer.Recognizer` with the prediction's settings) once, reads the images of the queries to
 draw in one pass over the queries (an index image is read from the records at the place the index
-recorded), and returns the `report.DrawMatch`
-that draws each picture. Opening everything first lets a folder whose export has since been moved
+recorded), and returns the `report.DrawMatch` that draws each picture. Opening everything first lets a folder whose export has since been moved
 or deleted be reported once, instead of failing half-way through the report.
 """
 
 import dataclasses
 from typing import Dict, Iterable, Optional
 
-import tensorflow as tf
-
 from tf_landmarks import exports
-from tf_landmarks import predict
+from tf_landmarks import files
 from tf_landmarks import predictions
-from tf_landmarks import records as records_lib
-from tf_landmarks.local_features import draw
+from tf_landmarks import queries as queries_lib
+from tf_landmarks.recognizer import Recognizer
+from tf_landmarks.recognizer import RecognizerSettings
 
 
 @dataclasses.dataclass(frozen=True)
 class _Opened:
-  """What drawing needs: the journal, the verifier and the queries' JPEGs."""
+  """What drawing needs: the journal, the recognizer and the queries' JPEGs."""
   entries: Dict[str, dict]
-  verifier: predict.Verifier
+  recognizer: Recognizer
   query_jpegs: Dict[str, bytes]
 
   def draw(self, query_id: str, landmark_id: int, png_path: str) -> Optional[str]:
@@ -41,28 +39,15 @@ class _Opened:
     jpeg = self.query_jpegs.get(query_id)
     if entry is None or entry.get('status') != 'ok' or jpeg is None:
       return None
-    index = self.verifier.index
-    rows = index.images_of(landmark_id)
     recorded = next((candidate['index_image'] for candidate in entry['candidates']
                      if candidate['landmark_id'] == landmark_id and candidate['index_image']),
                     None)
-    row = next((int(r) for r in rows if index.image_id(int(r)) == recorded),
-               int(rows[0]) if len(rows) and recorded is None else None)
-    if row is None:
+    picture = self.recognizer.match_picture(jpeg, landmark_id, recorded)
+    if picture is None:
       return None
-    try:
-      # The index keeps each image's place in the records: one read, no scan of the shards.
-      stored = index.stored_image(index.image_id(row))
-    except records_lib.RecordsError:
-      return None  # The records were moved or rebuilt since the index: no picture, no failure.
-    index_picture = tf.io.decode_jpeg(stored, channels=3).numpy()
-    query_image = tf.io.decode_jpeg(jpeg, channels=3).numpy()
-    query_features = self.verifier.extract(query_image)
-    matches, verification = self.verifier.verify(query_features, row)
-    draw.draw_matches(query_image, index_picture, query_features, index.local_features(row),
-                      matches, verification.inlier_mask, png_path)
-    return (f'{verification.num_inliers} inliers / {len(matches)} matches with index image '
-            f'{index.image_id(row)} (landmark {landmark_id})')
+    files.write_atomically(png_path, picture.png)
+    return (f'{picture.inliers} inliers / {picture.matches} matches with index image '
+            f'{picture.index_image} (landmark {landmark_id})')
 
 
 def drawer(predictions_dir: str, query_ids: Iterable[str]):
@@ -84,24 +69,26 @@ def drawer(predictions_dir: str, query_ids: Iterable[str]):
   if not folder.export or folder.queries is None:
     raise predictions.PredictionsError(f'{predictions_dir} names no export to draw matches with')
   export = exports.load(folder.export)
-  names = {field.name for field in dataclasses.fields(predict.PredictConfig)}
-  config = predict.PredictConfig(**{key: value for key, value in folder.settings.items()
-                                    if key in names})
-  verifier = predict.open_verifier(export, config)
-  if verifier is None:
+  if export.index is None:
     raise predictions.PredictionsError(f'{predictions_dir} names no export with an index to draw '
                                        'matches with')
-  if not verifier.index.has_checksums:
+  names = {field.name for field in dataclasses.fields(RecognizerSettings)}
+  recognition = RecognizerSettings(**{key: value for key, value in folder.settings.items()
+                                      if key in names})
+  recognizer = Recognizer(export, recognition)
+  if not recognizer.index.has_checksums:
     raise predictions.PredictionsError(f'the index of {folder.export} was built by an older '
                                        'version, which did not record where its images are '
                                        'stored; rebuild it to draw match pictures')
   wanted = set(query_ids)
   jpegs = {}
   if wanted:
-    _, read_queries, _ = predict.query_reader(config, export)
+    _, read_queries, _ = queries_lib.open_queries(
+        export, test_csv=folder.queries.get('test_csv'), image_dir=folder.queries.get('image_dir'),
+        test_records=folder.queries.get('test_records'))
     for image_id, query in read_queries(wanted.__contains__):
       if query is not None and query.jpeg is not None:
         jpegs[image_id] = query.jpeg
         if len(jpegs) == len(wanted):
           break
-  return _Opened(folder.entries(), verifier, jpegs).draw
+  return _Opened(folder.entries(), recognizer, jpegs).draw

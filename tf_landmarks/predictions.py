@@ -162,7 +162,8 @@ class Predictions:
     retrieval: `retrieval.csv`.
     first_stage: what proposed the landmarks (classifier, knn or both).
     export: the export it predicted with.
-    settings: the prediction's settings (`predict.PredictConfig` fields), as recorded.
+    settings: the prediction's settings (`predict.PredictConfig` and
+      `recognizer.RecognizerSettings` fields), as recorded.
     queries: where the queries came from: {"test_csv", "image_dir", "test_records"}.
   """
   path: str

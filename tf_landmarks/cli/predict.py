@@ -16,13 +16,16 @@ Re-running the same command continues where an interrupted run stopped.
 """
 
 from tf_landmarks import predict
+from tf_landmarks import recognizer
 from tf_landmarks.cli import common
 
 common.define_flags(predict.PredictConfig)
+common.define_flags(recognizer.RecognizerSettings)
 
 
 def main() -> int:
-  result = predict.predict(common.from_flags(predict.PredictConfig))
+  result = predict.predict(common.from_flags(predict.PredictConfig),
+                           common.from_flags(recognizer.RecognizerSettings))
   counts, seconds = result['counts'], result['seconds_per_query']
   output_dir = common.FLAGS.output_dir
   print(f'Wrote {output_dir}: {counts["queries"]} queries, {counts["predictions"]} predictions '
