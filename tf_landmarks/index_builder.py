@@ -13,14 +13,19 @@ GLDv2 scale are in `tf_landmarks/indexes.py`, which also reads it.
                                          the cells searched per query (the measured rules)
   build_global_ivf(descriptors, cells, storage) -> faiss.Index   the IVF of the global descriptors
 
-Each records shard is a unit of work and gives one index shard, written under temporary names and
-renamed into place, so an interrupted build continues with `--resume` from the first unfinished
+Each records shard is a unit of work and gives one index shard, written under temporary names unique
+to the attempt and renamed into place, so an interrupted build continues with `--resume` from the first unfinished
 shard, and a folder without index.json is never taken for an index. One build at a time writes a
 folder (a lock held while it runs). The last step joins the shards' image lists into the sorted
 table, keeping each image id once (its first occurrence, train before validation), sorts the global
 descriptors into global.npy through a memory-mapped scratch file (never whole in memory), builds the
 IVF above AUTO_IVF_ROWS images (--global_search=auto; BUILD_NOTES.md, "Global search at scale"), and
 writes index.json with the checksums of every file.
+
+`--runner=beam` builds the shards as an Apache Beam pipeline (`tf_landmarks/index_beam.py`): this
+module checks the settings, runs and output folder and fits the PCA as for a local build, the
+pipeline's workers build the unfinished shards with the local build's `ShardBuilder`, and this
+module finishes the index with the same last step; the files are the local build's, byte for byte.
 
 Images: local features come from the image as stored in the records; global descriptors from the
 classifier's evaluation crop (`data.make_dataset(..., training=False, backbone=None)`), exactly
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import faiss
@@ -126,10 +132,21 @@ class IndexConfig:
                          'finished shards (same runs and settings).', runtime=True)
   overwrite: bool = setting(False, 'Replace an index already in --output_dir.', runtime=True)
   progress: bool = setting(True, 'Show progress bars.', runtime=True)
+  runner: str = setting(
+      'local', '"local": the shards one after another in this process. "beam": the shards as an '
+      "Apache Beam pipeline (pip install 'tf-landmarks[beam]'), one records shard per work item, "
+      'run by the Beam runner that --beam_pipeline_options names (Dataflow, Flink, Spark; '
+      'DirectRunner by default); it writes the same files.', choices=('local', 'beam'),
+      runtime=True)
+  beam_pipeline_options: Optional[List[str]] = setting(
+      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
+      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
+      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
+      "runs as Beam's FnApiRunner (local processes).", runtime=True)
 
 
 @dataclasses.dataclass
-class _Inputs:
+class Inputs:
   """The checked runs and records of a build."""
   run: runs.Run
   classifier: classifier.LandmarkClassifier
@@ -139,7 +156,12 @@ class _Inputs:
   delf: Optional[delf_model.DelfModel] = None
 
 
-def _open_inputs(config: IndexConfig) -> _Inputs:
+def open_inputs(config: IndexConfig) -> Inputs:
+  """The runs (their models loaded) and records of `config`, checked.
+
+  Raises:
+    LandmarkIndexError, records.RecordsError: a run or the records cannot be used.
+  """
   run = runs.load_classifier_run(config.run, 'run')
   try:
     records = records_lib.load(run.records_dir)
@@ -149,7 +171,7 @@ def _open_inputs(config: IndexConfig) -> _Inputs:
   if records.num_classes != run.num_classes:
     raise LandmarkIndexError(f'{run.records_dir} now has {records.num_classes} classes, the run '
                              f'was trained on {run.num_classes}; it was rebuilt since')
-  inputs = _Inputs(run, run.load_model(classifier.LandmarkClassifier), records,
+  inputs = Inputs(run, run.load_model(classifier.LandmarkClassifier), records,
                    {'run_model_sha256': run.model_sha256()})
   if config.local_features == 'delf':
     delf_run = runs.load_delf_run(config.delf_run, 'delf_run')
@@ -169,6 +191,8 @@ def _check_config(config: IndexConfig) -> List[float]:
                              '--mode=delf>, or use --local_features=sift')
   if config.local_features == 'sift' and config.delf_run:
     raise LandmarkIndexError('--delf_run belongs to --local_features=delf')
+  if config.beam_pipeline_options and config.runner != 'beam':
+    raise LandmarkIndexError('--beam_pipeline_options is only used with --runner=beam')
   try:
     scales = [float(scale) for scale in config.delf_scales.split(',')]
   except ValueError:
@@ -183,7 +207,7 @@ def _check_config(config: IndexConfig) -> List[float]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Unit:
+class Unit:
   """One records shard: the unit of work, and one index shard."""
   name: str
   split: str
@@ -198,9 +222,15 @@ class _Unit:
                                 for name in indexes.shard_files(self.name)))
 
 
-def _units(records: records_lib.Records, splits: Sequence[str]) -> List[_Unit]:
+def _splits(config: IndexConfig, records: records_lib.Records) -> List[str]:
+  """The splits --split indexes that hold images."""
+  return [split for split in SPLITS[config.split] if records.num_examples(split)]
+
+
+def work_units(config: IndexConfig, records: records_lib.Records) -> List[Unit]:
+  """The build's units of work, its records shards that hold images, in index order."""
   units = []
-  for split in splits:
+  for split in _splits(config, records):
     entries = records.manifest['splits'][split]['shards']
     for number, (path, entry) in enumerate(zip(records.files(split), entries)):
       if not entry['examples']:
@@ -209,9 +239,9 @@ def _units(records: records_lib.Records, splits: Sequence[str]) -> List[_Unit]:
       # read just this unit, with the pipeline (and so the crop) of evaluation.
       view = {**records.manifest['splits'], split: {'examples': entry['examples'],
                                                     'shards': [entry]}}
-      units.append(_Unit(f'{split}-{number:05d}', split, path, entry['examples'], entry['file'],
-                         dataclasses.replace(records, manifest={**records.manifest,
-                                                                'splits': view})))
+      units.append(Unit(f'{split}-{number:05d}', split, path, entry['examples'], entry['file'],
+                        dataclasses.replace(records, manifest={**records.manifest,
+                                                               'splits': view})))
   return units
 
 
@@ -246,7 +276,7 @@ def _stored_images(path: str) -> tf.data.Dataset:
       parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(4)
 
 
-def _fit_pca(config: IndexConfig, units: Sequence[_Unit], delf: delf_model.DelfModel,
+def _fit_pca(config: IndexConfig, units: Sequence[Unit], delf: delf_model.DelfModel,
              scales: Sequence[float]) -> delf_features.Pca:
   """A PCA of DELF descriptors sampled from the first images of every shard."""
   total = min(config.pca_images, sum(unit.examples for unit in units))
@@ -271,13 +301,19 @@ def _fit_pca(config: IndexConfig, units: Sequence[_Unit], delf: delf_model.DelfM
       raise LandmarkIndexError(f'--pca_dim={config.pca_dim}: {error}') from None
 
 
+def _temporary(path: str) -> str:
+  """A temporary name for `path` unique to this attempt: two attempts at one shard (a retried Beam
+  bundle beside a straggler) never write into each other's file."""
+  return f'{path}{_TEMPORARY}-{uuid.uuid4().hex}'
+
+
 def _write_npy(path: str, array_chunks: Iterable[np.ndarray], dtype,
                shape: Tuple[int, ...]) -> None:
   """Writes an .npy file from row chunks under a temporary name, then renames it into place.
 
   Streaming the rows keeps a permuted copy of a large array (global.npy) out of memory.
   """
-  temporary = path + _TEMPORARY
+  temporary = _temporary(path)
   with tf.io.gfile.GFile(temporary, 'wb') as f:
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
               'shape': tuple(shape)}
@@ -290,7 +326,10 @@ def _write_npy(path: str, array_chunks: Iterable[np.ndarray], dtype,
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  files.write_atomically(path, buffer.getvalue())
+  temporary = _temporary(path)
+  with tf.io.gfile.GFile(temporary, 'wb') as f:
+    f.write(buffer.getvalue())
+  tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -305,19 +344,39 @@ def _load_npz(path: str) -> Dict[str, np.ndarray]:
     return {name: arrays[name] for name in arrays.files}
 
 
-class _Builder:
-  """Extracts and writes the shards of one build."""
+def _descriptor_dim(config: IndexConfig, inputs: Inputs) -> int:
+  """The size of the local descriptors the index stores."""
+  if config.local_features == 'delf':
+    return config.pca_dim or inputs.delf.descriptor_dim
+  return extractor_lib.SIFT_DIM
 
-  def __init__(self, config: IndexConfig, inputs: _Inputs, index_dir: str,
-               extract: extractor_lib.LocalExtractor, descriptor_dim: int):
-    self.config, self.inputs, self.index_dir = config, inputs, index_dir
-    self.extract, self.descriptor_dim = extract, descriptor_dim
+
+class ShardBuilder:
+  """Extracts and writes the shards of one build: the local build's, and each Beam worker's.
+
+  Its DELF PCA is read from the index folder, where the build writes it before any shard.
+  """
+
+  def __init__(self, config: IndexConfig, inputs: Inputs, scales: Sequence[float]):
+    self.config, self.inputs, self.index_dir = config, inputs, config.output_dir
+    self.descriptor_dim = _descriptor_dim(config, inputs)
+    pca = None
+    if config.local_features == 'delf' and config.pca_dim:
+      pca = delf_features.load_pca(files.join(config.output_dir, indexes.PCA_FILE))
+    self.extract = extractor_lib.make_local_extractor(
+        config.local_features, max_features=config.max_features, delf=inputs.delf,
+        delf_scales=scales, delf_abs_threshold=config.delf_abs_threshold, pca=pca)
     self.image_size = inputs.run.image_size
     self.embed = tf.function(inputs.classifier.embed, input_signature=[
         tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)])
 
-  def build_unit(self, unit: _Unit, bar: tqdm.tqdm) -> None:
-    """Extracts one shard's local features and global descriptors and writes its files."""
+  def build_unit(self, unit: Unit, bar: Optional[tqdm.tqdm] = None) -> None:
+    """Extracts one shard's local features and global descriptors and writes its files, each
+    renamed into place when whole, the images file last.
+
+    Raises:
+      LandmarkIndexError, records.RecordsError: the shard's records or features are unusable.
+    """
     landmark_ids = self.inputs.records.landmark_ids
     ids, landmarks, counts, record_bytes = [], [], [], []
     descriptors = [np.zeros((0, self.descriptor_dim), indexes.DESCRIPTOR_DTYPE)]
@@ -336,7 +395,8 @@ class _Builder:
       descriptors.append(features.descriptors.astype(indexes.DESCRIPTOR_DTYPE))
       keypoints.append(np.column_stack([features.locations, features.scores,
                                         features.scales]).astype(np.float32))
-      bar.update(1)
+      if bar is not None:
+        bar.update(1)
     global_ids, embeddings = [], []
     dataset = data.make_dataset(unit.records, unit.split, training=False,
                                 batch_size=self.config.batch_size,
@@ -474,7 +534,7 @@ def build_global_ivf(descriptors: np.ndarray, cells: int, storage: str) -> faiss
   return ivf
 
 
-def _finish(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], descriptor_dim: int,
+def _finish(config: IndexConfig, inputs: Inputs, units: Sequence[Unit], descriptor_dim: int,
             splits: Sequence[str], scales: Sequence[float],
             pca: Optional[delf_features.Pca]) -> dict:
   """Joins the shards' image lists into the sorted table, its record offsets and global.npy,
@@ -595,12 +655,14 @@ def build_index(config: IndexConfig) -> dict:
   scales = _check_config(config)
   if not config.output_dir:
     config = dataclasses.replace(config, output_dir=files.join(config.run, 'index'))
-  inputs = _open_inputs(config)
+  if config.runner == 'beam':
+    _beam_runner()  # Without Beam installed, a one-line error before any model loads.
+  inputs = open_inputs(config)
   if inputs.delf is not None and config.pca_dim > inputs.delf.descriptor_dim:
     raise LandmarkIndexError(f'--pca_dim={config.pca_dim} is more than the '
                              f'{inputs.delf.descriptor_dim} dimensions of the DELF descriptors')
-  splits = [split for split in SPLITS[config.split] if inputs.records.num_examples(split)]
-  units = _units(inputs.records, splits)
+  splits = _splits(config, inputs.records)
+  units = work_units(config, inputs.records)
   if not units:
     raise LandmarkIndexError(f'{inputs.records.path} has no {config.split} images to index')
   fingerprint = {**settings.fingerprint(config), **inputs.checksums,
@@ -615,32 +677,41 @@ def build_index(config: IndexConfig) -> dict:
     return _build(config, inputs, units, splits, scales)
 
 
-def _build(config: IndexConfig, inputs: _Inputs, units: Sequence[_Unit], splits: Sequence[str],
+def _build(config: IndexConfig, inputs: Inputs, units: Sequence[Unit], splits: Sequence[str],
            scales: Sequence[float]) -> dict:
-  """Fits the PCA (DELF), builds the unfinished shards and finishes the index."""
+  """Fits the PCA (DELF), builds the unfinished shards here or on Beam and finishes the index."""
   pca = None
-  if config.local_features == 'delf':
-    descriptor_dim = config.pca_dim or inputs.delf.descriptor_dim
-    if config.pca_dim:
-      pca_path = files.join(config.output_dir, indexes.PCA_FILE)
-      if tf.io.gfile.exists(pca_path):  # Fitted by the interrupted build (written whole).
-        pca = delf_features.load_pca(pca_path)
-      else:
-        pca = _fit_pca(config, units, inputs.delf, scales)
-        delf_features.save_pca(pca, pca_path)
-  else:
-    descriptor_dim = extractor_lib.SIFT_DIM
-  extract = extractor_lib.make_local_extractor(
-      config.local_features, max_features=config.max_features, delf=inputs.delf,
-      delf_scales=scales, delf_abs_threshold=config.delf_abs_threshold, pca=pca)
-  builder = _Builder(config, inputs, config.output_dir, extract, descriptor_dim)
+  if config.local_features == 'delf' and config.pca_dim:
+    pca_path = files.join(config.output_dir, indexes.PCA_FILE)
+    if tf.io.gfile.exists(pca_path):  # Fitted by the interrupted build (written whole).
+      pca = delf_features.load_pca(pca_path)
+    else:
+      # Written before any shard: the shards' builders (Beam's workers too) read it from there.
+      pca = _fit_pca(config, units, inputs.delf, scales)
+      delf_features.save_pca(pca, pca_path)
   pending = [unit for unit in units
              if not all(tf.io.gfile.exists(path) for path in unit.files(config.output_dir))]
   done_images = sum(unit.examples for unit in units) - sum(unit.examples for unit in pending)
   if config.progress and len(pending) < len(units):
     print(f'resuming: {len(units) - len(pending)} of {len(units)} shards already done', flush=True)
-  with tqdm.tqdm(total=sum(unit.examples for unit in units), initial=done_images, unit='img',
-                 desc='index', disable=not config.progress, smoothing=0.1) as bar:
-    for unit in pending:
-      builder.build_unit(unit, bar)
-  return _finish(config, inputs, units, descriptor_dim, splits, scales, pca)
+  if config.runner == 'beam':
+    _beam_runner().build_shards(config, inputs.checksums, scales, pending)
+  else:
+    builder = ShardBuilder(config, inputs, scales)
+    with tqdm.tqdm(total=sum(unit.examples for unit in units), initial=done_images, unit='img',
+                   desc='index', disable=not config.progress, smoothing=0.1) as bar:
+      for unit in pending:
+        builder.build_unit(unit, bar)
+  return _finish(config, inputs, units, _descriptor_dim(config, inputs), splits, scales, pca)
+
+
+def _beam_runner():
+  """The Beam runner module; a one-line error if the `beam` extra is not installed."""
+  try:
+    from tf_landmarks import index_beam  # pylint: disable=g-import-not-at-top  (optional extra)
+  except ModuleNotFoundError as error:
+    if not (error.name or '').startswith('apache_beam'):
+      raise
+    raise LandmarkIndexError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") \
+        from None
+  return index_beam

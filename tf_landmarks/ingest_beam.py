@@ -28,24 +28,17 @@ This module imports Apache Beam (the `beam` extra); `ingest` imports it only for
 
 import collections
 import json
-import logging as python_logging
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List
 
 from absl import logging
 import tensorflow as tf
 
-# Importing Beam without its GCP client libraries logs "apitools not found" on every command. Only
-# Dataflow and gs:// need them, where apache-beam[gcp] is installed anyway (and Beam says so
-# itself when the DataflowRunner is asked for without them).
-_root_logger, _level = python_logging.getLogger(), python_logging.getLogger().level
-_root_logger.setLevel(python_logging.ERROR)
-try:
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
-  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=g-import-not-at-top
-finally:
-  _root_logger.setLevel(_level)
+# First: it imports Beam without the warnings Beam logs on import.
+from tf_landmarks import beam_pipelines  # pylint: disable=g-bad-import-order
+
+import apache_beam as beam  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-bad-import-order
 
 from tf_landmarks import csv_io
 from tf_landmarks import files
@@ -55,54 +48,6 @@ from tf_landmarks import records
 
 NAMESPACE = 'tf_landmarks.build_records'
 _WORK = 'beam'  # Folder under the build's staging folder for the pipeline's input and outputs.
-# Names of the DirectRunner, which runs here as the FnApiRunner: since Beam 2.6x DirectRunner first
-# tries Prism, a Go binary it downloads from GitHub on first use (without internet access its code
-# then falls back to the FnApiRunner anyway), and the FnApiRunner is what reads --direct_num_workers
-# and --direct_running_mode.
-_DIRECT_NAMES = ('direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner')
-
-
-def pipeline_options(flags: Sequence[str]) -> beam_options.PipelineOptions:
-  """The Beam options of `--beam_pipeline_options` (items with or without their leading '--').
-
-  Options no registered Beam options class knows are passed on (runners take some of their own);
-  Beam logs a warning naming each, with the closest known option.
-
-  Raises:
-    ingest.BuildError: an option with a value Beam rejects.
-  """
-  argv = ['--' + flag.strip().lstrip('-') for flag in flags or () if flag.strip()]
-  if not any(flag.startswith('--default_sdk_harness_log_level') for flag in argv):
-    # Worker processes (--direct_running_mode=multi_processing) log every connection at INFO, and
-    # warn about options they do not know; a worker's error still fails the pipeline, with its cause.
-    argv.append('--default_sdk_harness_log_level=ERROR')
-  options = beam_options.PipelineOptions(argv)
-  try:
-    options.get_all_options(display_warnings=True)  # Parses every value, so bad ones show now.
-  except SystemExit:  # argparse's way of rejecting a value; it has printed why on stderr.
-    raise ingest.BuildError(f'--beam_pipeline_options: Beam rejects {",".join(argv)} (see above)') \
-        from None
-  return options
-
-
-def _runner(options: beam_options.PipelineOptions):
-  """The FnApiRunner for DirectRunner (see _DIRECT_NAMES), else None: Beam picks the named runner.
-
-  Built as Beam's own DirectRunner builds it, with the options in its provision info: that is how
-  worker processes receive them (their log level, for one).
-  """
-  runner = options.view_as(beam_options.StandardOptions).runner
-  if runner is not None and runner.lower() not in _DIRECT_NAMES:
-    return None
-  # pylint: disable=g-import-not-at-top
-  from apache_beam.portability.api import beam_provision_api_pb2
-  from apache_beam.runners.portability import portable_runner
-  from apache_beam.runners.portability.fn_api_runner import fn_runner
-  # pylint: enable=g-import-not-at-top
-  encoded = portable_runner.JobServiceHandle.encode_pipeline_options(options.get_all_options())
-  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
-      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
-
 
 class _PrepareImage(beam.DoFn):
   """Row → its prepared image, or (tagged 'unusable') the reason it cannot be used."""
@@ -232,19 +177,15 @@ def run_pipeline(config: ingest.BuildConfig, inputs: ingest.BuildInputs,
     ingest.BuildError: the options are unusable, or the pipeline failed (the runner's log has its
       workers' errors).
   """
-  options = pipeline_options(config.beam_pipeline_options)
-  root = beam.Pipeline(runner=_runner(options), options=options)
+  options = beam_pipelines.pipeline_options(config.beam_pipeline_options, ingest.BuildError)
+  root = beam.Pipeline(runner=beam_pipelines.runner(options), options=options)
   _add_build(root, config, inputs.image_dir, work_dir)
   try:
     result = root.run()
     result.wait_until_finish()
   except Exception as error:  # pylint: disable=broad-except
-    # Runners report a worker's failure as their own exception types with the worker's traceback
-    # inside; its last line names the cause.
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    cause = lines[-1].strip() if lines else type(error).__name__
-    raise ingest.BuildError(f'the Beam pipeline failed: {cause[:500]} (the runner\'s log has the '
-                            'details); rerun with --resume') from None
+    raise ingest.BuildError(f'the Beam pipeline failed: {beam_pipelines.failure_cause(error)} (the '
+                            'runner\'s log has the details); rerun with --resume') from None
   return counters(result)
 
 
