@@ -5,13 +5,16 @@ Examples:
   tfl-build-index --run=gs://b/runs/r50_finetune --local_features=delf \
       --delf_run=gs://b/runs/r50_delf --output_dir=gs://b/index/gldv2 --split=train+validation
   tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --global_search=ivf --resume
+  tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --runner=beam \
+      --beam_pipeline_options=--runner=DirectRunner,--direct_num_workers=4,--direct_running_mode=multi_processing
 
 Stores, for every image of the run's records (the train split by default), the classifier's global
 descriptor and the image's local features (DELF or SIFT) in sharded .npy files, with a per-image
 table sorted by landmark; index.json, written last, marks a finished index. The layout and its
 size for GLDv2 are in tf_landmarks/indexes.py. An interrupted build (Ctrl-C, SIGTERM,
 a killed process) continues with --resume from its first unfinished shard; --resume of a finished
-index does nothing.
+index does nothing. --runner=beam builds the shards as an Apache Beam pipeline (Dataflow, Flink,
+Spark; README, "Google Landmarks v2 at full size"): the same files.
 """
 
 from tf_landmarks.cli import common
