@@ -6,7 +6,7 @@ Examples:
       --delf_run=gs://b/runs/r50_delf --output_dir=gs://b/index/gldv2 --split=train+validation
   tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --global_search=ivf --resume
   tfl-build-index --run=runs/r50 --delf_run=runs/r50_delf --runner=beam \
-      --beam_pipeline_options=--runner=DirectRunner,--direct_num_workers=4,--direct_running_mode=multi_processing
+      --beam_pipeline_options=--direct_num_workers=4,--direct_running_mode=multi_processing
 
 Stores, for every image of the run's records (the train split by default), the classifier's global
 descriptor and the image's local features (DELF or SIFT) in sharded .npy files, with a per-image
