@@ -2,7 +2,8 @@
 
 Runners as in test_ingest_beam.py: the FnApiRunner (what `--runner=DirectRunner` runs), with
 `--direct_num_workers=2 --direct_running_mode=multi_processing` for worker processes that load the
-models themselves, and the BundleBasedDirectRunner, which retries a failed bundle, for the retry test.
+models themselves, and the BundleBasedDirectRunner, which retries a failed bundle, for the retry
+test.
 """
 
 import importlib.util
@@ -168,8 +169,8 @@ def test_runner_beam_without_apache_beam_is_a_one_line_error(tmp_path, monkeypat
   monkeypatch.delitem(sys.modules, 'tf_landmarks.beam_pipelines', raising=False)
   monkeypatch.delattr(tf_landmarks, 'beam_pipelines', raising=False)
   run = str(tmp_path / 'no_such_run')  # The error comes before any run is read.
-  with pytest.raises(indexes.LandmarkIndexError,
-                     match=r"^--runner=beam needs Apache Beam: pip install 'tf-landmarks\[beam\]'$"):
+  expected = r"^--runner=beam needs Apache Beam: pip install 'tf-landmarks\[beam\]'$"
+  with pytest.raises(indexes.LandmarkIndexError, match=expected):
     index_builder.build_index(index_builder.IndexConfig(run=run, local_features='sift',
                                                         runner='beam'))
   with pytest.raises(indexes.LandmarkIndexError, match='only used with --runner=beam'):

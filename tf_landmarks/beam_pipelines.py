@@ -16,7 +16,8 @@ from typing import Sequence, Type
 _root_logger, _level = python_logging.getLogger(), python_logging.getLogger().level
 _root_logger.setLevel(python_logging.ERROR)
 try:
-  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from apache_beam.options import pipeline_options as beam_options
 finally:
   _root_logger.setLevel(_level)
 

@@ -72,7 +72,8 @@ class _BuildShard(beam.DoFn):
 
 
 def counters(result) -> Dict[str, int]:
-  """The build's Beam counters of a finished pipeline: committed values where the runner has them."""
+  """The build's Beam counters of a finished pipeline: committed values where the runner has
+  them."""
   totals = collections.Counter()
   for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))['counters']:
     value = counter.committed if counter.committed is not None else counter.attempted

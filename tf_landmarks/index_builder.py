@@ -13,9 +13,9 @@ GLDv2 scale are in `tf_landmarks/indexes.py`, which also reads it.
                                          the cells searched per query (the measured rules)
   build_global_ivf(descriptors, cells, storage) -> faiss.Index   the IVF of the global descriptors
 
-Each records shard is a unit of work and gives one index shard, written under temporary names unique
-to the attempt and renamed into place, so an interrupted build continues with `--resume` from the first unfinished
-shard, and a folder without index.json is never taken for an index. One build at a time writes a
+Each records shard is a unit of work and gives one index shard, written under temporary names
+unique to the attempt and renamed into place, so an interrupted build continues with `--resume`
+from the first unfinished shard, and a folder without index.json is never taken for an index. One build at a time writes a
 folder (a lock held while it runs). The last step joins the shards' image lists into the sorted
 table, keeping each image id once (its first occurrence, train before validation), sorts the global
 descriptors into global.npy through a memory-mapped scratch file (never whole in memory), builds the
