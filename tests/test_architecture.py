@@ -10,11 +10,14 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'tf_landmarks'
 
-STAGES = {'ingest', 'ingest_beam', 'train', 'index_builder', 'export', 'predict', 'evaluation',
-          'serve'}
+STAGES = {'ingest', 'ingest_beam', 'train', 'index_builder', 'export', 'predict', 'predict_beam',
+          'evaluation', 'serve'}
 # The Beam build is the records build run another way: it reuses the local build's pieces, and
 # the local build hands `--runner=beam` to it (imported lazily: Beam is an optional extra).
-ALLOWED_STAGE_IMPORTS = {('ingest_beam', 'ingest'), ('ingest', 'ingest_beam')}
+# Batch prediction on Beam likewise: its workers answer with the local prediction's step, and
+# `tfl-predict --runner=beam` hands the pending queries to it.
+ALLOWED_STAGE_IMPORTS = {('ingest_beam', 'ingest'), ('ingest', 'ingest_beam'),
+                         ('predict_beam', 'predict'), ('predict', 'predict_beam')}
 ARTIFACTS = {'records', 'runs', 'indexes', 'exports', 'predictions'}
 
 
