@@ -33,12 +33,14 @@ import tensorflow as tf
 # ingest_beam.py).
 _root_logger, _level = python_logging.getLogger(), python_logging.getLogger().level
 _root_logger.setLevel(python_logging.ERROR)
+# pylint: disable=g-import-not-at-top
 try:
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
-  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=g-import-not-at-top
+  import apache_beam as beam
+  from apache_beam.metrics import Metrics
+  from apache_beam.options import pipeline_options as beam_options
 finally:
   _root_logger.setLevel(_level)
+# pylint: enable=g-import-not-at-top
 
 from tf_landmarks import files
 from tf_landmarks import predict
@@ -48,7 +50,8 @@ from tf_landmarks.recognizer import Recognizer
 from tf_landmarks.recognizer import RecognizerSettings
 
 NAMESPACE = 'tf_landmarks.predict'
-WORK = '.beam'  # Folder under --output_dir for the pipeline's input and outputs, removed at the end.
+# Folder under --output_dir for the pipeline's input and outputs, removed once they are read.
+WORK = '.beam'
 # As in ingest_beam.py: DirectRunner runs here as the FnApiRunner, which reads --direct_num_workers.
 _DIRECT_NAMES = ('direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner')
 

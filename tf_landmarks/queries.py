@@ -34,7 +34,7 @@ class Query:
 
 # Reads the queries in order from position `start` (default 0), as (image id, Query), preparing
 # only those `wanted` accepts (the rest, already predicted, come as (image id, None)): one pass, and
-# a resumed run skips their images; a Beam worker starts at its chunk (`tf_landmarks/predict_beam.py`).
+# a resumed run skips their images; a Beam worker starts at its batch (`predict_beam.py`).
 QueryReader = Callable[..., Iterator[Tuple[str, Optional[Query]]]]
 
 
