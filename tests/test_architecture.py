@@ -11,11 +11,13 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'tf_landmarks'
 
 STAGES = {'ingest', 'ingest_beam', 'train', 'index_builder', 'index_beam', 'export', 'predict',
-          'evaluation', 'serve'}
-# A stage's Beam runner is that stage run another way: it reuses the local build's pieces, and
-# the local build hands `--runner=beam` to it (imported lazily: Beam is an optional extra).
+          'predict_beam', 'evaluation', 'serve'}
+# A stage's Beam runner is that stage run another way: it reuses the local stage's pieces (the
+# records build's, the index build's, batch prediction's step), and the local stage hands
+# `--runner=beam` to it (imported lazily: Beam is an optional extra).
 ALLOWED_STAGE_IMPORTS = {('ingest_beam', 'ingest'), ('ingest', 'ingest_beam'),
-                         ('index_beam', 'index_builder'), ('index_builder', 'index_beam')}
+                         ('index_beam', 'index_builder'), ('index_builder', 'index_beam'),
+                         ('predict_beam', 'predict'), ('predict', 'predict_beam')}
 ARTIFACTS = {'records', 'runs', 'indexes', 'exports', 'predictions'}
 
 

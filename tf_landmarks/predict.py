@@ -7,12 +7,18 @@ first stage, the verification and the retrieval list), classifying them in batch
 predictions folder `tf_landmarks/predictions.py` describes into `--output_dir`: the journal
 (predictions.jsonl) a re-run continues from, the Kaggle submissions, predict.log and predict.json.
 One `tfl-predict` writes a folder at a time.
+
+`--runner=beam` answers the queries as an Apache Beam pipeline (`tf_landmarks/predict_beam.py`):
+this process does the checks, opens the output folder and splits the pending queries into the same
+batches the local run classifies; the pipeline's workers answer them with `answer_batch`, as the
+local run does; this process then journals the answers in query order and writes the same
+submissions. Beam is imported only for `--runner=beam` (the `beam` extra).
 """
 
 import collections
 import dataclasses
 import datetime
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -59,6 +65,17 @@ class PredictConfig:
   verify: bool = setting(False, 'Hash every file of the export before using it (by default '
                          'sizes are checked on every run, digests when the files changed since '
                          'the last full check).', runtime=True)
+  runner: str = setting(
+      'local', '"local": this process answers the queries. "beam": an Apache Beam pipeline (pip '
+      "install 'tf-landmarks[beam]') answers them in batches of --batch_size, run by the Beam "
+      'runner that --beam_pipeline_options names (Dataflow, Flink, Spark; DirectRunner by '
+      'default), each worker process loading the export once; it writes the same submissions.',
+      choices=('local', 'beam'), runtime=True)
+  beam_pipeline_options: Optional[List[str]] = setting(
+      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
+      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
+      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
+      "runs as Beam's FnApiRunner (local processes).", runtime=True)
 
 
 # --- The whole run ---------------------------------------------------------------------------
@@ -82,11 +99,10 @@ def _prepare_output(config: PredictConfig, fingerprint: dict) -> None:
     predictions.clear(config.output_dir)
 
 
-def _batches(queries: Iterable[queries_lib.Query],
-             size: int) -> Iterator[List[queries_lib.Query]]:
+def _batches(items: Iterable, size: int) -> Iterator[List]:
   batch = []
-  for query in queries:
-    batch.append(query)
+  for item in items:
+    batch.append(item)
     if len(batch) == size:
       yield batch
       batch = []
@@ -101,6 +117,21 @@ def _log_line(entry: dict) -> str:
                    for stage, seconds in entry['timing'].items() if stage != 'total')
   return (f'{entry["id"]} {entry["status"]}: {answer}, {entry["seconds"] * 1000:.0f} ms '
           f'({parts})\n')
+
+
+def answer_batch(recognizer: Recognizer, batch: Sequence[queries_lib.Query]) -> List[dict]:
+  """The journal entries of a batch of queries, classified together (the local run's and every
+  Beam worker's step, so both give the same answers)."""
+  classified = iter(recognizer.classify([query.jpeg for query in batch
+                                         if query.jpeg is not None]))
+  entries = []
+  for query in batch:
+    if query.jpeg is None:
+      answer = Answer(query.status, timing={'classify': 0.0})
+    else:
+      answer = recognizer.decide(query.jpeg, next(classified))
+    entries.append(answer.journal_entry(query.image_id))
+  return entries
 
 
 def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = None) -> dict:
@@ -124,6 +155,9 @@ def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = N
   settings.check(recognition)
   if not config.export or not config.output_dir:
     raise PredictError('give --export=<tfl-export folder> and --output_dir')
+  if config.beam_pipeline_options and config.runner != 'beam':
+    raise PredictError('--beam_pipeline_options is only used with --runner=beam')
+  beam_runner = _beam_runner() if config.runner == 'beam' else None
   export = exports.load(config.export, verify=config.verify)
   total, read_queries, skipped = queries_lib.open_queries(
       export, test_csv=config.test_csv, image_dir=config.image_dir,
@@ -135,11 +169,23 @@ def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = N
     raise PredictError(f'--output_dir={output_dir} is a file, not a folder')
   tf.io.gfile.makedirs(output_dir)
   with files.exclusive_writer(output_dir, 'tfl-predict', PredictError):
-    return _predict(config, recognition, export, total, read_queries)
+    return _predict(config, recognition, export, total, read_queries, beam_runner)
+
+
+def _beam_runner():
+  """The Beam runner module; a one-line error if the `beam` extra is not installed."""
+  try:
+    from tf_landmarks import predict_beam  # pylint: disable=g-import-not-at-top  (optional extra)
+  except ModuleNotFoundError as error:
+    if not (error.name or '').startswith('apache_beam'):
+      raise
+    raise PredictError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") \
+        from None
+  return predict_beam
 
 
 def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exports.Export,
-             total: int, read_queries: queries_lib.QueryReader) -> dict:
+             total: int, read_queries: queries_lib.QueryReader, beam_runner) -> dict:
   """The prediction into --output_dir, whose lock the caller holds."""
   fingerprint = _fingerprint(config, recognition, export)
   _prepare_output(config, fingerprint)
@@ -151,6 +197,7 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
           'settings': {**settings.as_dict(config), **settings.as_dict(recognition)}}
   predictions.start(config.output_dir, meta)
 
+  # Also where an export that cannot answer with these settings fails, before any Beam worker.
   recognizer = Recognizer(export, recognition, verify=config.verify)
   journal = predictions.Journal(files.join(config.output_dir, predictions.JOURNAL))
   done = len(journal.entries)
@@ -168,19 +215,31 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
     with tf.io.gfile.GFile(files.join(config.output_dir, predictions.LOG), log_mode) as log, \
         tqdm.tqdm(total=total, initial=done, unit='query', desc='predict',
                   disable=not config.progress) as bar:
-      for batch in _batches(pending(), config.batch_size):
-        classified = iter(recognizer.classify([query.jpeg for query in batch
-                                               if query.jpeg is not None]))
-        for query in batch:
-          if query.jpeg is None:
-            answer = Answer(query.status, timing={'classify': 0.0})
-          else:
-            answer = recognizer.decide(query.jpeg, next(classified))
-          entry = answer.journal_entry(query.image_id)
+
+      def record(entries: Iterable[dict]) -> None:
+        for entry in entries:
           journal.append(entry)
           log.write(_log_line(entry))
           bar.update(1)
         log.flush()
+
+      if beam_runner is None:
+        for batch in _batches(pending(), config.batch_size):
+          record(answer_batch(recognizer, batch))
+      else:
+        ids += [image_id for image_id, _ in read_queries(lambda image_id: False)]
+        # Work units: (position of the first, ids) of the local run's batches of pending queries.
+        positions = [position for position, image_id in enumerate(ids)
+                     if image_id not in journal.entries]
+        chunks = [(batch[0], [ids[position] for position in batch])
+                  for batch in _batches(positions, config.batch_size)]
+        answered = beam_runner.answer(config, recognition, chunks)
+        missing = [image_id for _, chunk in chunks for image_id in chunk
+                   if image_id not in answered]
+        if missing:
+          raise PredictError(f'the Beam pipeline answered no entry for {len(missing)} queries '
+                             f'({missing[0]}, …); rerun the same command')
+        record(answered[image_id] for _, chunk in chunks for image_id in chunk)
   finally:
     journal.close()
   ordered = [journal.entries[image_id] for image_id in ids]

@@ -32,9 +32,10 @@ class Query:
   status: str = 'ok'
 
 
-# Reads the queries in order, as (image id, Query), preparing only those `wanted` accepts (the rest,
-# already predicted, come as (image id, None)): one pass, and a resumed run skips their images.
-QueryReader = Callable[[Callable[[str], bool]], Iterator[Tuple[str, Optional[Query]]]]
+# Reads the queries in order from position `start` (default 0), as (image id, Query), preparing
+# only those `wanted` accepts (the rest, already predicted, come as (image id, None)): one pass, and
+# a resumed run skips their images; a Beam worker starts at its batch (`predict_beam.py`).
+QueryReader = Callable[..., Iterator[Tuple[str, Optional[Query]]]]
 
 
 def _csv_queries(test_csv: str, image_dir: Optional[str], max_side: int, jpeg_quality: int,
@@ -46,8 +47,8 @@ def _csv_queries(test_csv: str, image_dir: Optional[str], max_side: int, jpeg_qu
     raise QueriesError(f'--image_dir={image_dir} is not a folder')
   rows, skipped = csv_io.read_test_csv(test_csv)
 
-  def read(wanted):
-    for row in rows:
+  def read(wanted, start=0):
+    for row in rows[start:]:
       if not wanted(row.image_id):
         yield row.image_id, None
         continue
@@ -74,8 +75,14 @@ def _record_queries(records_dir: str) -> Tuple[int, QueryReader, List[csv_io.Ski
     raise QueriesError(f'{records_dir} has no test split; build it with tfl-build-records '
                        '--test_csv, or give --test_csv and --image_dir')
 
-  def read(wanted):
-    dataset = tf.data.TFRecordDataset(paths).map(schema.parse_example)
+  shards = records.manifest['splits']['test']['shards']
+
+  def read(wanted, start=0):
+    first = 0  # Shards wholly before `start` are not even opened.
+    while first < len(paths) and start >= shards[first]['examples']:
+      start -= shards[first]['examples']
+      first += 1
+    dataset = tf.data.TFRecordDataset(paths[first:]).skip(start).map(schema.parse_example)
     try:
       for example in dataset:
         image_id = example[schema.ID].numpy().decode()

@@ -7,6 +7,8 @@ Examples:
       --output_dir=predictions/real
   tfl-predict --export=gs://b/exports/gldv2 --test_records=gs://b/records/gldv2_test \
       --first_stage=knn --output_dir=gs://b/predictions/gldv2
+  tfl-predict --export=exports/demo --output_dir=predictions/demo_beam --runner=beam \
+      --beam_pipeline_options=--direct_num_workers=2,--direct_running_mode=multi_processing
 
 Classifies each query (or looks up its nearest index images, --first_stage), verifies the best
 landmarks with local features and RANSAC against their index images, and writes recognition.csv
