@@ -379,18 +379,12 @@ def _resolve_index(config: ExportConfig, model_sha256: str) -> Optional[indexes.
 def _prepare_output(config: ExportConfig) -> None:
   """Empties --output_dir (with --overwrite) but its lock, held by this export."""
   output_dir = config.output_dir
-  taken = [name for name in tf.io.gfile.listdir(output_dir) if name != files.LOCK_FILE]
-  if not taken:
+  if not [name for name in tf.io.gfile.listdir(output_dir) if name.rstrip('/') != files.LOCK_FILE]:
     return
   if not config.overwrite:
     raise ExportError(f'--output_dir={output_dir} is not empty; choose another folder or pass '
                       '--overwrite')
-  for name in taken:
-    path = files.join(output_dir, name)
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-    else:
-      tf.io.gfile.remove(path)
+  files.clear_folder(output_dir)
 
 
 def export(config: ExportConfig) -> exports.Export:

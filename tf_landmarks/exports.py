@@ -246,16 +246,8 @@ def load(path: str, verify: bool = False) -> Export:
   if not tf.io.gfile.exists(json_path):
     raise ExportError(f'{path} is not a finished export (no {EXPORT_JSON}); make one with '
                       'tfl-export')
-  with tf.io.gfile.GFile(json_path) as f:
-    text = f.read()
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as error:
-    raise ExportError(f'{json_path} is not valid JSON ({error}); {_HINT}') from None
-  found = value.get('format') if isinstance(value, dict) else None
-  if found not in (FORMAT, FORMAT_V1):
-    raise ExportError(f'{json_path} is not an export this version reads (format {found!r}, '
-                      f'expected {FORMAT!r}); {_HINT}')
+  value = files.read_versioned_json(json_path, (FORMAT, FORMAT_V1), 'an export', _HINT, ExportError)
+  found = value['format']
   checksums = None
   if found == FORMAT:
     checksums = value.get('files')

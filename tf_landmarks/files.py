@@ -87,6 +87,23 @@ def sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def clear_folder(folder: str) -> None:
+  """Removes a folder's contents but its lock file (`exclusive_writer`'s), which the caller holds.
+
+  Removing the lock file would let a second writer lock a new file of that name beside this one.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for name in tf.io.gfile.listdir(folder):
+    name = name.rstrip('/')  # tf.io.gfile lists remote folders with a trailing '/'.
+    if name == LOCK_FILE:
+      continue
+    path = join(folder, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+
+
 @contextlib.contextmanager
 def exclusive_writer(folder: str, command: str, error: type) -> Iterator[Optional[object]]:
   """Holds an exclusive lock on a local artifact folder while one command writes it.

@@ -443,16 +443,10 @@ def _prepare_output(config: IndexConfig, fingerprint: dict) -> bool:
   """
   output_dir = config.output_dir
   finished, started = indexes.is_finished(output_dir), indexes.is_started(output_dir)
-  # The lock file stays: removing it would let a second build lock a new one beside this one.
   others = [name.rstrip('/') for name in tf.io.gfile.listdir(output_dir)
             if name.rstrip('/') != files.LOCK_FILE]
   if (finished or started) and config.overwrite:
-    for name in others:
-      path = files.join(output_dir, name)
-      if tf.io.gfile.isdir(path):
-        tf.io.gfile.rmtree(path)
-      else:
-        tf.io.gfile.remove(path)
+    files.clear_folder(output_dir)
     finished = started = False
     others = []
   if finished and not config.resume:

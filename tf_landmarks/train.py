@@ -445,7 +445,7 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
   finished = runs.is_finished(workdir)
   started = runs.is_started(workdir)
   if (finished or started) and config.overwrite:
-    _clear(workdir)
+    files.clear_folder(workdir)
     finished = started = False
   failure = runs.failure_of(workdir) if finished else None
   if failure is not None:
@@ -466,19 +466,6 @@ def _prepare_workdir(config: TrainConfig, fingerprint: dict) -> bool:
     return finished
   files.write_atomically(files.join(workdir, runs.CONFIG_JSON), json.dumps(fingerprint, indent=1))
   return False
-
-
-def _clear(workdir: str) -> None:
-  """Removes the workdir's contents but its lock file, which this process holds (removing it would
-  let another tfl-train lock a new one)."""
-  for name in tf.io.gfile.listdir(workdir):
-    path = files.join(workdir, name.rstrip('/'))
-    if name.rstrip('/') == files.LOCK_FILE:
-      continue
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-    else:
-      tf.io.gfile.remove(path)
 
 
 def _pad_to(batch_size: int):
