@@ -64,3 +64,14 @@ def test_a_changed_byte_is_found_and_a_verified_folder_is_not_hashed_again(tmp_p
   _verify(tmp_path, expected)
   with pytest.raises(_Damaged, match=r'a.bin is not the file the index was written with'):
     _verify(tmp_path, expected, full=True)
+
+
+def test_checksums_taken_when_writing_leave_the_stamp_of_a_full_check(tmp_path):
+  (tmp_path / 'a.bin').write_bytes(b'abcdef')
+  expected = files.checksums(str(tmp_path), ['a.bin'], stamp=True)
+  stat = (tmp_path / 'a.bin').stat()
+  (tmp_path / 'a.bin').write_bytes(b'abcdeX')
+  os.utime(tmp_path / 'a.bin', ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  _verify(tmp_path, expected)  # The stamp says nothing changed: not hashed again.
+  with pytest.raises(_Damaged, match=r'a.bin is not the file the index was written with'):
+    _verify(tmp_path, expected, full=True)

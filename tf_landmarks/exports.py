@@ -192,7 +192,7 @@ def write(folder: str, *, classifier: ClassifierPart, delf: Optional[DelfPart],
   Returns:
     The export, as `load` reads it back.
   """
-  checksums = files.checksums(folder, _relative_files(folder))
+  checksums = files.checksums(folder, _relative_files(folder), stamp=True)
   created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
   classifier_json = _part_json(classifier, f'{CLASSIFIER_DIR}/{VERSION}')
   classifier_json['signatures'] = {

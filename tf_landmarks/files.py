@@ -145,15 +145,24 @@ def exclusive_writer(folder: str, command: str, error: type) -> Iterator[Optiona
 VERIFIED_STAMP = '.verified.json'
 
 
-def checksums(folder: str, names: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+def checksums(folder: str, names: Iterable[str],
+              stamp: bool = False) -> Dict[str, Dict[str, Any]]:
   """Size and SHA-256 of files in `folder`, as artifacts record them: {name: {bytes, sha256}}.
 
   Args:
     folder: the artifact folder.
     names: the files' paths relative to `folder` ('/'-separated).
+    stamp: also leave the stamp of a full check (see `verify_checksums`): the files were just
+      hashed, so the first load need not hash them again.
   """
-  return {name: {'bytes': _size_and_time(join(folder, name))[0],
-                 'sha256': sha256(join(folder, name))} for name in names}
+  recorded, stats = {}, {}
+  for name in names:
+    size, modified = _size_and_time(join(folder, name))
+    recorded[name] = {'bytes': size, 'sha256': sha256(join(folder, name))}
+    stats[name] = [size, modified]
+  if stamp:
+    _write_stamp(folder, _stamp(recorded, stats))
+  return recorded
 
 
 def verify_checksums(folder: str, expected: Mapping[str, Mapping[str, Any]], *, what: str,
@@ -190,7 +199,7 @@ def verify_checksums(folder: str, expected: Mapping[str, Mapping[str, Any]], *, 
                   f'(truncated or replaced); {hint}')
     stats[name] = [size, modified]
   stamp_path = join(folder, VERIFIED_STAMP)
-  stamp = {'expected': sha256_of_text(json.dumps(expected, sort_keys=True)), 'files': stats}
+  stamp = _stamp(expected, stats)
   if not full and tf.io.gfile.exists(stamp_path):
     try:
       with tf.io.gfile.GFile(stamp_path) as f:
@@ -202,8 +211,20 @@ def verify_checksums(folder: str, expected: Mapping[str, Mapping[str, Any]], *, 
     if sha256(join(folder, name)) != recorded['sha256']:
       raise error(f'{join(folder, name)} is not the file {what} was written with (its SHA-256 '
                   f'differs); {hint}')
+  _write_stamp(folder, stamp)
+
+
+def _stamp(expected: Mapping[str, Mapping[str, Any]], stats: Mapping[str, list]) -> dict:
+  """What a full check leaves: the recorded checksums' digest and each file's size and time."""
+  import json  # pylint: disable=g-import-not-at-top
+  return {'expected': sha256_of_text(json.dumps(expected, sort_keys=True)), 'files': dict(stats)}
+
+
+def _write_stamp(folder: str, stamp: dict) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    write_atomically(stamp_path, json.dumps(stamp))
+    write_atomically(join(folder, VERIFIED_STAMP), json.dumps(stamp))
   except (OSError, tf.errors.OpError):
     pass  # Read-only: the next load hashes again.
 

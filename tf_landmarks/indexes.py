@@ -197,7 +197,8 @@ def write_description(path: str, description: dict, names: Sequence[str]) -> dic
   Returns:
     index.json's content: `description` with the format and the checksums.
   """
-  written = {'format': FORMAT, **description, 'checksums': files.checksums(path, names)}
+  written = {'format': FORMAT, **description,
+             'checksums': files.checksums(path, names, stamp=True)}
   files.write_atomically(files.join(path, INDEX_JSON), json.dumps(written, indent=1))
   return written
 
