@@ -197,8 +197,9 @@ def write_description(path: str, description: dict, names: Sequence[str]) -> dic
   Returns:
     index.json's content: `description` with the format and the checksums.
   """
-  written = {'format': FORMAT, **description,
-             'checksums': files.checksums(path, names, stamp=True)}
+  # No stamp here: the index's files are its content alone, the same bytes from every runner
+  # (the Beam build is compared with the local one file by file); the first load leaves it.
+  written = {'format': FORMAT, **description, 'checksums': files.checksums(path, names)}
   files.write_atomically(files.join(path, INDEX_JSON), json.dumps(written, indent=1))
   return written
 
