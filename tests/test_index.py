@@ -1,5 +1,6 @@
 """The retrieval and verification index, built for real from tiny runs on a synthetic world."""
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -237,6 +239,28 @@ def test_a_single_query_searches_on_the_measured_thread_count(built):
     assert faiss.omp_get_max_threads() == 2  # Restored after the single query.
   finally:
     faiss.omp_set_num_threads(previous)
+
+
+def test_threads_searching_a_fresh_index_at_once_all_see_the_whole_index(built, monkeypatch):
+  # tfl-predict and tfl-serve search one Index from several threads; the first search fills the
+  # faiss index. Filled a row at a time here, so that a thread searching the half-filled index
+  # (the bug) finds too few rows.
+  monkeypatch.setattr(indexes, '_GLOBAL_CHUNK', 1)
+  expected = indexes.load(built['sift']).global_search(
+      indexes.load(built['sift']).global_descriptors, k=3)
+  opened = indexes.load(built['sift'])
+  queries = np.array(opened.global_descriptors)
+  start = threading.Barrier(8)
+
+  def search(_):
+    start.wait()
+    return opened.global_search(queries, k=3)
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(search, range(8)))
+  for scores, rows in results:
+    np.testing.assert_array_equal(rows, expected[1])
+    np.testing.assert_array_equal(scores, expected[0])
 
 
 def _cli(*args):

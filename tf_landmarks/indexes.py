@@ -99,6 +99,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import faiss
@@ -305,6 +306,7 @@ class Index:
     self._distinct_landmarks = np.unique(self._landmarks)
     self._shards: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
     self._search: Optional[faiss.Index] = None
+    self._search_lock = threading.Lock()
     self._nprobe = nprobe
     if verify:
       self._check_finite()
@@ -376,15 +378,20 @@ class Index:
     """The faiss index of the global descriptors, the only copy of them in this process's memory:
     read from global_ivf.faiss, or filled from global.npy's memory map, whose pages the kernel may
     drop once read."""
-    if self._search is None:
-      search = self.metadata['global']['search']
-      if search['kind'] == 'ivf':
-        self._search = faiss.read_index(os.path.join(self.path, IVF_FILE))
-        self._search.nprobe = self._nprobe or search['nprobe']
-      else:
-        self._search = faiss.IndexFlatIP(self.global_dim)
-        for start in range(0, self.num_images, _GLOBAL_CHUNK):
-          self._search.add(np.ascontiguousarray(self._global[start:start + _GLOBAL_CHUNK]))
+    # Built by the first search of whichever thread comes first (tfl-predict answers queries on
+    # several threads, tfl-serve on its request threads): the others wait for the whole index, never
+    # search one still being filled.
+    with self._search_lock:
+      if self._search is None:
+        kind = self.metadata['global']['search']
+        if kind['kind'] == 'ivf':
+          search = faiss.read_index(os.path.join(self.path, IVF_FILE))
+          search.nprobe = self._nprobe or kind['nprobe']
+        else:
+          search = faiss.IndexFlatIP(self.global_dim)
+          for start in range(0, self.num_images, _GLOBAL_CHUNK):
+            search.add(np.ascontiguousarray(self._global[start:start + _GLOBAL_CHUNK]))
+        self._search = search
     return self._search
 
   def global_search(self, descriptors: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
