@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -239,6 +240,74 @@ def test_a_rerun_continues_an_interrupted_journal_and_gives_the_same_files(world
   for name in ('recognition.csv', 'recognition_unverified.csv', 'retrieval.csv'):
     assert (output_dir / name).read_bytes() == (predicted / name).read_bytes(), name
   assert len((output_dir / 'predictions.jsonl').read_bytes().splitlines()) == len(lines)
+
+
+def _without_timing(journal_path):
+  return [{key: value for key, value in json.loads(line).items() if key not in ('timing', 'seconds')}
+          for line in open(journal_path)]
+
+
+def test_the_answers_and_their_order_do_not_depend_on_the_threads(world, tmp_path):
+  for threads in (1, 4):
+    _predict(world, tmp_path / str(threads), threads=threads, batch_size=3)
+  for name in (predictions.JOURNAL, 'recognition.csv', 'recognition_unverified.csv',
+               'retrieval.csv'):
+    if name == predictions.JOURNAL:
+      assert _without_timing(tmp_path / '1' / name) == _without_timing(tmp_path / '4' / name)
+    else:
+      assert (tmp_path / '1' / name).read_bytes() == (tmp_path / '4' / name).read_bytes(), name
+
+
+class _RecordingRecognizer:
+  """Classifies and decides instantly, except that the first query of a batch decides last;
+  records the order of the calls."""
+
+  def __init__(self, fail_on=None):
+    self.events, self.fail_on = [], fail_on
+    self._lock = threading.Lock()
+
+  def classify(self, jpegs):
+    with self._lock:
+      self.events.append(('classify', list(jpegs)))
+    return [jpeg for jpeg in jpegs]
+
+  def decide(self, jpeg, classified):
+    if jpeg.endswith(b'first'):
+      time.sleep(0.2)
+    if jpeg == self.fail_on:
+      raise RuntimeError(f'cannot decide {jpeg}')
+    with self._lock:
+      self.events.append(('decide', jpeg))
+    return recognizer.Answer('ok', landmark_id=int(classified[:1]), score=0.5)
+
+
+def _query(image_id, jpeg):
+  return queries.Query(image_id, jpeg, 'ok' if jpeg else 'not an image')
+
+
+def test_answer_batches_keeps_query_order_and_classifies_the_next_batch_meanwhile():
+  fake = _RecordingRecognizer()
+  batches = [[_query('a', b'1 first'), _query('b', b'2'), _query('c', None)],
+             [_query('d', b'4 first'), _query('e', b'5')]]
+  answered = predict.answer_batches(fake, iter(batches), threads=3)
+  first = next(answered)
+  # Batch 2 was classified before batch 1's answers were handed out.
+  assert [event for event in fake.events if event[0] == 'classify'] == [
+      ('classify', [b'1 first', b'2']), ('classify', [b'4 first', b'5'])]
+  second = next(answered)
+  assert next(answered, None) is None
+  assert [entry['id'] for entry in first + second] == ['a', 'b', 'c', 'd', 'e']
+  assert [entry['prediction'] for entry in first + second] == [
+      [1, 0.5], [2, 0.5], None, [4, 0.5], [5, 0.5]]
+  assert first[2]['status'] == 'not an image'
+
+
+def test_an_error_answering_a_query_reaches_the_caller_and_the_threads_stop():
+  fake = _RecordingRecognizer(fail_on=b'2')
+  batches = [[_query('a', b'1'), _query('b', b'2')], [_query('c', b'3 first')]]
+  with pytest.raises(RuntimeError, match="cannot decide b'2'"):
+    list(predict.answer_batches(fake, iter(batches), threads=2))
+  assert not [thread for thread in threading.enumerate() if thread.name.startswith('tfl-answer')]
 
 
 def test_one_writer_per_predictions_folder(world, tmp_path):

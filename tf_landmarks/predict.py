@@ -8,6 +8,11 @@ predictions folder `tf_landmarks/predictions.py` describes into `--output_dir`: 
 (predictions.jsonl) a re-run continues from, the Kaggle submissions, predict.log and predict.json.
 One `tfl-predict` writes a folder at a time.
 
+Locally the work is pipelined: this thread reads and classifies batch k + 1 while `--threads`
+threads answer batch k's queries (extraction, verification, retrieval; TensorFlow, faiss and OpenCV
+release the GIL while they compute), and the entries are journalled in query order. Each answer
+depends only on its query and its batch, so the submissions are the same whatever `--threads`.
+
 `--runner=beam` answers the queries as an Apache Beam pipeline (`tf_landmarks/predict_beam.py`):
 this process does the checks, opens the output folder and splits the pending queries into the same
 batches the local run classifies; the pipeline's workers answer them with `answer_batch`, as the
@@ -16,9 +21,11 @@ submissions. Beam is imported only for `--runner=beam` (the `beam` extra).
 """
 
 import collections
+from concurrent import futures
 import dataclasses
 import datetime
-from typing import Iterable, Iterator, List, Optional, Sequence
+import os
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -31,6 +38,7 @@ from tf_landmarks import predictions
 from tf_landmarks import queries as queries_lib
 from tf_landmarks import settings
 from tf_landmarks.recognizer import Answer
+from tf_landmarks.recognizer import Classified
 from tf_landmarks.recognizer import Recognizer
 from tf_landmarks.recognizer import RecognizerSettings
 from tf_landmarks.settings import setting
@@ -59,6 +67,11 @@ class PredictConfig:
       None, 'A records folder (tfl-build-records --test_csv) whose test split holds the queries; '
       'default: the export\'s records folder.')
   batch_size: int = setting(32, 'Queries classified per batch.', lower=1, runtime=True)
+  threads: int = setting(
+      0, 'Queries answered at once after classification (local features, verification, '
+      'retrieval), each on its own thread, while the next batch is read and classified; 0: one '
+      'per CPU core. The answers do not depend on it. --runner=beam answers one query at a time '
+      'per worker process.', lower=0, runtime=True)
   overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
                             'with other settings.', runtime=True)
   progress: bool = setting(True, 'Show a progress bar.', runtime=True)
@@ -119,19 +132,59 @@ def _log_line(entry: dict) -> str:
           f'({parts})\n')
 
 
-def answer_batch(recognizer: Recognizer, batch: Sequence[queries_lib.Query]) -> List[dict]:
-  """The journal entries of a batch of queries, classified together (the local run's and every
-  Beam worker's step, so both give the same answers)."""
+def _entry(recognizer: Recognizer, query: queries_lib.Query,
+           classified: Optional[Classified]) -> dict:
+  """A query's journal entry, given its classification (None for a query without an image)."""
+  if classified is None:
+    return Answer(query.status, timing={'classify': 0.0}).journal_entry(query.image_id)
+  return recognizer.decide(query.jpeg, classified).journal_entry(query.image_id)
+
+
+def _classified(recognizer: Recognizer, batch: Sequence[queries_lib.Query]
+                ) -> List[Tuple[queries_lib.Query, Optional[Classified]]]:
+  """Each query with its classification: the batch's images classified in one call."""
   classified = iter(recognizer.classify([query.jpeg for query in batch
                                          if query.jpeg is not None]))
-  entries = []
-  for query in batch:
-    if query.jpeg is None:
-      answer = Answer(query.status, timing={'classify': 0.0})
-    else:
-      answer = recognizer.decide(query.jpeg, next(classified))
-    entries.append(answer.journal_entry(query.image_id))
-  return entries
+  return [(query, None if query.jpeg is None else next(classified)) for query in batch]
+
+
+def answer_batch(recognizer: Recognizer, batch: Sequence[queries_lib.Query]) -> List[dict]:
+  """The journal entries of a batch of queries, classified together, answered one by one (each
+  Beam worker's step; the local run's answers are the same, `answer_batches`)."""
+  return [_entry(recognizer, query, classified)
+          for query, classified in _classified(recognizer, batch)]
+
+
+def answer_batches(recognizer: Recognizer, batches: Iterable[Sequence[queries_lib.Query]],
+                   threads: int) -> Iterator[List[dict]]:
+  """The journal entries of each batch, in order (the local run's step).
+
+  Batch k + 1 is read (the iterator) and classified on this thread while `threads` threads answer
+  batch k's queries: the classifier, the local features and the matching overlap, and the second
+  stage of several queries runs at once. At most two batches are in flight.
+  """
+  pool = futures.ThreadPoolExecutor(threads, thread_name_prefix='tfl-answer')
+  try:
+    in_flight: Optional[List[futures.Future]] = None
+    for batch in batches:
+      started = [pool.submit(_entry, recognizer, query, classified)
+                 for query, classified in _classified(recognizer, batch)]
+      if in_flight is not None:
+        yield [future.result() for future in in_flight]
+      in_flight = started
+    if in_flight is not None:
+      yield [future.result() for future in in_flight]
+  finally:
+    # Stopped early (Ctrl-C, a failed journal write): answers not started are dropped, those
+    # running finish; the journal keeps what was recorded, and a re-run continues from there.
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cpu_cores() -> int:
+  """The cores this process may run on (a container's, not the host's, where the OS says)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = None) -> dict:
@@ -224,8 +277,9 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
         log.flush()
 
       if beam_runner is None:
-        for batch in _batches(pending(), config.batch_size):
-          record(answer_batch(recognizer, batch))
+        threads = config.threads or _cpu_cores()
+        for entries in answer_batches(recognizer, _batches(pending(), config.batch_size), threads):
+          record(entries)
       else:
         ids += [image_id for image_id, _ in read_queries(lambda image_id: False)]
         # Work units: (position of the first, ids) of the local run's batches of pending queries.
