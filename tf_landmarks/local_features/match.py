@@ -151,7 +151,8 @@ def putative_matches(query: LocalFeatures, index: LocalFeatures, *,
       pass.
     mutual: also require the query feature to be the nearest neighbour of its index feature (an
       exact search over the query's features, whatever `index_kind`).
-    index_kind: structure built over `index.descriptors` when `search_index` is None: 'flat',
+    index_kind: how `index.descriptors` are searched when `search_index` is None: 'flat' (one
+      distance matrix, see the module docstring; of equally near features the earlier row wins),
       'ivf_flat' or 'ivf_pq' (built with `build_search_index`'s defaults).
     search_index: a faiss index already built over `index.descriptors` (row i as id i), reused
       across queries.
