@@ -20,13 +20,14 @@ Search structures (`index_kind`):
   that one matrix: each query row's nearest and second nearest, and each candidate index column's
   nearest query row for the mutual check (no second search). faiss's `IndexFlatL2.search` would
   use BLAS only from 128,000 queries (`distance_compute_blas_threshold`) and otherwise scans with
-  its sequential kernel, ~7× slower for 1,000 × 1,000 40-d descriptors on one thread (~7 ms
-  against ~1 ms per pair). The expansion rounds differently from that kernel (~1e-6), which can
-  flip a neighbour only on a near-tie: on 3,997 DELF pairs of a real index, 2 pairs' matches
-  (1 match each) differed under the verification rule (ratio 0.8, mutual). The matrix is built in
-  blocks of index columns of at most `MAX_MATRIX_ENTRIES` entries, so matching against many
-  images' concatenated features stays within ~64 MB. A given `search_index` ('flat' included) is
-  searched with faiss as the IVF kinds are.
+  its sequential kernel: matching two images' 1,000 40-d DELF descriptors with the ratio test and
+  the mutual check took 7.9 ms that way on one thread, 1.6 ms this way (bench/bench_matching.py).
+  The expansion rounds differently from that kernel (~1e-6), which can flip a neighbour only on a
+  near-tie: on 3,997 DELF pairs of a real index, 2 pairs' matches (1 match each) differed under
+  the verification rule (ratio 0.8, mutual). The matrix is built in blocks of index columns of at
+  most `MAX_MATRIX_ENTRIES` entries, so matching against many images' concatenated features holds
+  ~8 MB of matrix at a time. A given `search_index` ('flat' included) is searched with faiss, as
+  the IVF kinds are.
 - 'ivf_flat' (`IndexIVFFlat`): k-means cells, searching only `nprobe` of `nlist` of them. Distances
   are exact, so `max_distance` and `ratio` mean what they mean for 'flat', but a true neighbour in
   an unvisited cell is missed (recall < 1). Worth it from about a million index vectors (the
@@ -64,9 +65,12 @@ INDEX_KINDS = ('flat', 'ivf_flat', 'ivf_pq')
 
 MAX_SEARCH_THREADS = 1
 
-# The flat path's distance matrix is computed in blocks of at most this many entries (64 MB of
-# float32): a query matched against many images' concatenated features stays in bounded memory.
-MAX_MATRIX_ENTRIES = 16 * 2**20
+# The flat path's distance matrix is computed in blocks of at most this many entries (8 MB of
+# float32), so a query matched against many images' concatenated features stays in bounded memory;
+# one pair of 1,000-feature images is one block. Blocks that stay in cache are also faster: 1,000
+# queries against 60,000 index features took 85–90 ms in blocks of 1–2 M entries, 119 ms in blocks
+# of 16 M.
+MAX_MATRIX_ENTRIES = 2 * 2**20
 
 _NO_MATCHES = np.zeros((0, 2), np.int64)
 
@@ -270,6 +274,8 @@ def _exact_matches(query_descriptors: np.ndarray, index_descriptors: np.ndarray,
     second = np.where(closer, np.minimum(first, block_second), np.minimum(second, block_first))
     first = np.where(closer, block_first, first)
     nearest = np.where(closer, start + block_nearest, nearest)
+    # Freed before the next block is allocated: one block in memory at a time, not two.
+    del squared
   # The expansion can go slightly negative for near-identical vectors; a distance cannot. Only the
   # picked values are clamped: clamping the matrix would only reorder near-identical vectors among
   # themselves, which rounding does anyway.
