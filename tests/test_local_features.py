@@ -169,6 +169,10 @@ def test_putative_matches_of_empty_sets_and_bad_arguments():
     match.putative_matches(some, some, ratio=1.5)
   with pytest.raises(ValueError, match='index_kind'):
     match.putative_matches(some, some, index_kind='hnsw')
+  no_dims = features(np.zeros((5, 2)), np.zeros((5, 0)))
+  for index_kind in match.INDEX_KINDS:
+    with pytest.raises(ValueError, match='0 dims'):
+      match.putative_matches(no_dims, no_dims, index_kind=index_kind)
 
 
 def test_a_single_index_feature_passes_the_ratio_test():

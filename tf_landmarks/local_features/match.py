@@ -183,6 +183,10 @@ def putative_matches(query: LocalFeatures, index: LocalFeatures, *,
     raise ValueError(f'descriptor sizes differ: query {query_descriptors.shape[1]}, index '
                      f'{index_descriptors.shape[1]}')
   if search_index is None and index_kind == 'flat':
+    if query_descriptors.shape[1] == 0:
+      # What build_search_index says of the same input on the other kinds.
+      raise ValueError(f'cannot build a search index over {len(index_descriptors)} descriptors of '
+                       '0 dims')
     query_rows, index_rows = _exact_matches(query_descriptors, index_descriptors, max_distance,
                                             ratio, mutual)
     return np.stack([query_rows, index_rows], axis=1)
@@ -263,7 +267,7 @@ def _exact_matches(query_descriptors: np.ndarray, index_descriptors: np.ndarray,
     if ratio is not None and squared.shape[1] > 1:
       squared[rows, block_nearest] = np.inf
       block_second = squared.min(axis=1)
-      squared[rows, block_nearest] = block_first
+      squared[rows, block_nearest] = block_first  # As it was, for the reverse nearest below.
     if mutual:
       candidates = np.unique(block_nearest[_passes(np.maximum(block_first, 0),
                                                    np.maximum(block_second, 0), max_distance,
