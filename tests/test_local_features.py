@@ -169,6 +169,10 @@ def test_putative_matches_of_empty_sets_and_bad_arguments():
     match.putative_matches(some, some, ratio=1.5)
   with pytest.raises(ValueError, match='index_kind'):
     match.putative_matches(some, some, index_kind='hnsw')
+  no_dims = features(np.zeros((5, 2)), np.zeros((5, 0)))
+  for index_kind in match.INDEX_KINDS:
+    with pytest.raises(ValueError, match='0 dims'):
+      match.putative_matches(no_dims, no_dims, index_kind=index_kind)
 
 
 def test_a_single_index_feature_passes_the_ratio_test():
@@ -177,6 +181,92 @@ def test_a_single_index_feature_passes_the_ratio_test():
   result = match.putative_matches(features(np.zeros((1, 2)), one), features(np.zeros((1, 2)), one),
                                   ratio=0.8)
   assert result.tolist() == [[0, 0]]
+
+
+# Filters of the flat-path tests: each one drops some of the nearest-neighbour pairs of
+# `matching_sets` and keeps others.
+FILTERS = [{}, {'ratio': 0.8}, {'mutual': True}, {'ratio': 0.8, 'mutual': True},
+           {'max_distance': 0.9}, {'max_distance': 0.9, 'ratio': 0.9, 'mutual': True}]
+
+
+def matching_sets(seed: int):
+  """400 index and 300 query descriptors: half the queries near an index row (some index rows
+  near two queries, at different noise, so the mutual check keeps one), half unrelated.
+
+  The flat path rounds differently from faiss's scan, so agreeing with it exactly means something
+  only without near-ties: checked here for the thresholds of FILTERS.
+  """
+  rng = np.random.default_rng(seed)
+  index = unit_rows(rng, 400, 16)
+  near = index[rng.integers(0, 400, 150)] + rng.normal(0, 0.1, (150, 16)).astype(np.float32)
+  query = np.concatenate([near, unit_rows(rng, 150, 16)])
+  query /= np.linalg.norm(query, axis=1, keepdims=True)
+  squared = ((query[:, None, :] - index[None, :, :]) ** 2).sum(-1)
+  rows, columns = np.sort(squared, axis=1), np.sort(squared, axis=0)
+  assert np.min(rows[:, 1] - rows[:, 0]) > 1e-4 and np.min(columns[1] - columns[0]) > 1e-4
+  for threshold in (0.8 ** 2 * rows[:, 1], 0.9 ** 2 * rows[:, 1], 0.9 ** 2):
+    assert np.min(np.abs(rows[:, 0] - threshold)) > 1e-4
+  return query, index
+
+
+def faiss_reference(query, index, max_distance=None, ratio=None, mutual=False) -> np.ndarray:
+  """The matching rule written out with two faiss IndexFlatL2 searches."""
+  forward = faiss.IndexFlatL2(query.shape[1])
+  forward.add(index)
+  squared, nearest = forward.search(query, 2)
+  keep = np.ones(len(query), bool)
+  if max_distance is not None:
+    keep &= np.sqrt(squared[:, 0]) < max_distance
+  if ratio is not None:
+    keep &= np.sqrt(squared[:, 0]) < ratio * np.sqrt(squared[:, 1])
+  if mutual:
+    backward = faiss.IndexFlatL2(query.shape[1])
+    backward.add(query)
+    keep &= backward.search(index[nearest[:, 0]], 1)[1][:, 0] == np.arange(len(query))
+  return np.stack([np.flatnonzero(keep), nearest[keep, 0]], axis=1)
+
+
+@pytest.mark.parametrize('columns', [1, 7, None])
+@pytest.mark.parametrize('filters', FILTERS)
+def test_flat_matching_agrees_with_faiss_index_flat_searches(monkeypatch, filters, columns):
+  query, index = matching_sets(5)
+  expected = faiss_reference(query, index, **filters)
+  if filters:
+    unfiltered = len(faiss_reference(query, index))
+    assert 0 < len(expected) < unfiltered
+  if columns is not None:
+    # Blocks of that many index columns (None: the whole matrix at once).
+    monkeypatch.setattr(match, 'MAX_MATRIX_ENTRIES', 300 * columns)
+  result = match.putative_matches(features(np.zeros((300, 2)), query),
+                                  features(np.zeros((400, 2)), index), **filters)
+  np.testing.assert_array_equal(result, expected)
+  assert result.dtype == np.int64
+
+
+@pytest.mark.parametrize('columns', [1, 7, None])
+@pytest.mark.parametrize('filters', FILTERS)
+def test_flat_matching_in_blocks_of_index_columns_breaks_ties_towards_the_earlier_row(
+    monkeypatch, filters, columns):
+  # 0/1 vectors: every distance is a small integer, computed exactly in any order, so ties are
+  # everywhere (repeated rows, equal Hamming distances) and each block sees the same values.
+  rng = np.random.default_rng(7)
+  query = rng.integers(0, 2, (300, 12)).astype(np.float32)
+  index = rng.integers(0, 2, (400, 12)).astype(np.float32)
+  squared = ((query[:, None, :] - index[None, :, :]) ** 2).sum(-1)
+  nearest = squared.argmin(axis=1)
+  first = squared.min(axis=1)
+  keep = np.ones(300, bool)
+  if 'max_distance' in filters:
+    keep &= first < filters['max_distance'] ** 2
+  if 'ratio' in filters:
+    keep &= first < filters['ratio'] ** 2 * np.sort(squared, axis=1)[:, 1]
+  if 'mutual' in filters:
+    keep &= squared.argmin(axis=0)[nearest] == np.arange(300)
+  if columns is not None:
+    monkeypatch.setattr(match, 'MAX_MATRIX_ENTRIES', 300 * columns)
+  result = match.putative_matches(features(np.zeros((300, 2)), query),
+                                  features(np.zeros((400, 2)), index), **filters)
+  np.testing.assert_array_equal(result, np.stack([np.flatnonzero(keep), nearest[keep]], axis=1))
 
 
 @pytest.mark.parametrize('index_kind,min_recall', [('ivf_flat', 0.95), ('ivf_pq', 0.8)])
