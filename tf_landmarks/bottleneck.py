@@ -9,8 +9,8 @@ and whether the head needs spatial maps or pooled vectors; a later run with the 
 
 Training reads the cache every epoch. A split that fits half the input pipeline's memory budget
 (`data.memory_budget`) is held in memory after the first pass and shuffled over up to 65,536
-examples; a larger one (Google Landmarks v2's 1.5 M clean images as 7×7 spatial maps of a ResNet50
-are ~190 GB) is streamed from its shards, their order reshuffled every epoch, through a shuffle
+examples; a larger one (Google Landmarks v2's 1.5 M clean images as ResNet50's 7×7×2048 maps
+are ~300 GB) is streamed from its shards, their order reshuffled every epoch, through a shuffle
 buffer the same budget bounds.
 """
 
