@@ -48,6 +48,7 @@ import tensorflow as tf
 import tqdm
 
 from tf_landmarks import data
+from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import indexes
 from tf_landmarks import records as records_lib
@@ -701,11 +702,6 @@ def _build(config: IndexConfig, inputs: Inputs, units: Sequence[Unit], splits: S
 
 def _beam_runner():
   """The Beam runner module; a one-line error if the `beam` extra is not installed."""
-  try:
+  with errors.beam_required(LandmarkIndexError):
     from tf_landmarks import index_beam  # pylint: disable=g-import-not-at-top  (optional extra)
-  except ModuleNotFoundError as error:
-    if not (error.name or '').startswith('apache_beam'):
-      raise
-    raise LandmarkIndexError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") \
-        from None
   return index_beam

@@ -703,12 +703,8 @@ def build_records(config: BuildConfig) -> dict:
 
 def _beam_builder():
   """The Beam builder module; a one-line error if the `beam` extra is not installed."""
-  try:
+  with errors.beam_required(BuildError):
     from tf_landmarks import ingest_beam  # pylint: disable=g-import-not-at-top  (optional extra)
-  except ModuleNotFoundError as error:
-    if not (error.name or '').startswith('apache_beam'):
-      raise
-    raise BuildError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") from None
   return ingest_beam
 
 

@@ -227,13 +227,8 @@ def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = N
 
 def _beam_runner():
   """The Beam runner module; a one-line error if the `beam` extra is not installed."""
-  try:
+  with errors.beam_required(PredictError):
     from tf_landmarks import predict_beam  # pylint: disable=g-import-not-at-top  (optional extra)
-  except ModuleNotFoundError as error:
-    if not (error.name or '').startswith('apache_beam'):
-      raise
-    raise PredictError("--runner=beam needs Apache Beam: pip install 'tf-landmarks[beam]'") \
-        from None
   return predict_beam
 
 
