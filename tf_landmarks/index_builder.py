@@ -48,10 +48,10 @@ import tensorflow as tf
 import tqdm
 
 from tf_landmarks import data
-from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import indexes
 from tf_landmarks import records as records_lib
+from tf_landmarks import runners
 from tf_landmarks import runs
 from tf_landmarks import schema
 from tf_landmarks import settings
@@ -133,17 +133,10 @@ class IndexConfig:
                          'finished shards (same runs and settings).', runtime=True)
   overwrite: bool = setting(False, 'Replace an index already in --output_dir.', runtime=True)
   progress: bool = setting(True, 'Show progress bars.', runtime=True)
-  runner: str = setting(
-      'local', '"local": the shards one after another in this process. "beam": the shards as an '
-      "Apache Beam pipeline (pip install 'tf-landmarks[beam]'), one records shard per work item, "
-      'run by the Beam runner that --beam_pipeline_options names (Dataflow, Flink, Spark; '
-      'DirectRunner by default); it writes the same files.', choices=('local', 'beam'),
-      runtime=True)
-  beam_pipeline_options: Optional[List[str]] = setting(
-      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
-      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
-      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
-      "runs as Beam's FnApiRunner (local processes).", runtime=True)
+  runner: str = runners.runner_setting(
+      'the shards one after another in this process',
+      'the shards, one records shard per work item, writing the same files')
+  beam_pipeline_options: Optional[List[str]] = runners.pipeline_options_setting()
 
 
 @dataclasses.dataclass
@@ -192,8 +185,7 @@ def _check_config(config: IndexConfig) -> List[float]:
                              '--mode=delf>, or use --local_features=sift')
   if config.local_features == 'sift' and config.delf_run:
     raise LandmarkIndexError('--delf_run belongs to --local_features=delf')
-  if config.beam_pipeline_options and config.runner != 'beam':
-    raise LandmarkIndexError('--beam_pipeline_options is only used with --runner=beam')
+  runners.check(config.runner, config.beam_pipeline_options, LandmarkIndexError)
   try:
     scales = [float(scale) for scale in config.delf_scales.split(',')]
   except ValueError:
@@ -702,6 +694,6 @@ def _build(config: IndexConfig, inputs: Inputs, units: Sequence[Unit], splits: S
 
 def _beam_runner():
   """The Beam runner module; a one-line error if the `beam` extra is not installed."""
-  with errors.beam_required(LandmarkIndexError):
+  with runners.beam_required(LandmarkIndexError):
     from tf_landmarks import index_beam  # pylint: disable=g-import-not-at-top  (optional extra)
   return index_beam

@@ -42,6 +42,7 @@ from tf_landmarks import errors
 from tf_landmarks import files
 from tf_landmarks import images
 from tf_landmarks import records
+from tf_landmarks import runners
 from tf_landmarks import schema
 from tf_landmarks import settings
 from tf_landmarks import splits
@@ -131,16 +132,10 @@ class BuildConfig:
   keep_staging: bool = setting(
       False, 'Keep the intermediate .staging folder after a successful build.', runtime=True)
   progress: bool = setting(True, 'Show progress bars.', runtime=True)
-  runner: str = setting(
-      'local', '"local": this machine, --num_workers processes. "beam": the same build as an Apache '
-      "Beam pipeline (pip install 'tf-landmarks[beam]'), run by the Beam runner that "
-      '--beam_pipeline_options names (Dataflow, Flink, Spark; DirectRunner by default); it writes '
-      'the same examples, label map and manifest.', choices=('local', 'beam'), runtime=True)
-  beam_pipeline_options: Optional[List[str]] = setting(
-      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
-      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
-      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
-      "runs as Beam's FnApiRunner (local processes).", runtime=True)
+  runner: str = runners.runner_setting(
+      'this machine, --num_workers processes',
+      'the same build, writing the same examples, label map and manifest')
+  beam_pipeline_options: Optional[List[str]] = runners.pipeline_options_setting()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -684,8 +679,7 @@ def build_records(config: BuildConfig) -> dict:
     raise BuildError(f'--max_image_size={config.max_image_size} is below the smallest accepted '
                      f'image side ({config.min_image_side} px)')
 
-  if config.beam_pipeline_options and config.runner != 'beam':
-    raise BuildError('--beam_pipeline_options is only used with --runner=beam')
+  runners.check(config.runner, config.beam_pipeline_options, BuildError)
   builder = _beam_builder().build if config.runner == 'beam' else _build
   if tf.io.gfile.exists(config.output_dir) and not tf.io.gfile.isdir(config.output_dir):
     raise BuildError(f'--output_dir={config.output_dir} is a file, not a folder')
@@ -703,7 +697,7 @@ def build_records(config: BuildConfig) -> dict:
 
 def _beam_builder():
   """The Beam builder module; a one-line error if the `beam` extra is not installed."""
-  with errors.beam_required(BuildError):
+  with runners.beam_required(BuildError):
     from tf_landmarks import ingest_beam  # pylint: disable=g-import-not-at-top  (optional extra)
   return ingest_beam
 

@@ -36,6 +36,7 @@ from tf_landmarks import exports
 from tf_landmarks import files
 from tf_landmarks import predictions
 from tf_landmarks import queries as queries_lib
+from tf_landmarks import runners
 from tf_landmarks import settings
 from tf_landmarks.recognizer import Answer
 from tf_landmarks.recognizer import Classified
@@ -70,25 +71,18 @@ class PredictConfig:
   threads: int = setting(
       0, 'Queries answered at once after classification (local features, verification, '
       'retrieval), each on its own thread, while the next batch is read and classified; 0: one '
-      'per CPU core. The answers do not depend on it. --runner=beam answers one query at a time '
-      'per worker process.', lower=0, runtime=True)
+      'per CPU core. The answers do not depend on it.', lower=0, runtime=True)
   overwrite: bool = setting(False, 'Start again in a --output_dir that holds predictions made '
                             'with other settings.', runtime=True)
   progress: bool = setting(True, 'Show a progress bar.', runtime=True)
   verify: bool = setting(False, 'Hash every file of the export before using it (by default '
                          'sizes are checked on every run, digests when the files changed since '
                          'the last full check).', runtime=True)
-  runner: str = setting(
-      'local', '"local": this process answers the queries. "beam": an Apache Beam pipeline (pip '
-      "install 'tf-landmarks[beam]') answers them in batches of --batch_size, run by the Beam "
-      'runner that --beam_pipeline_options names (Dataflow, Flink, Spark; DirectRunner by '
-      'default), each worker process loading the export once; it writes the same submissions.',
-      choices=('local', 'beam'), runtime=True)
-  beam_pipeline_options: Optional[List[str]] = setting(
-      None, 'Beam pipeline options for --runner=beam, comma-separated, e.g. '
-      '"--runner=DirectRunner,--direct_num_workers=2,--direct_running_mode=multi_processing" or '
-      '"--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp". DirectRunner '
-      "runs as Beam's FnApiRunner (local processes).", runtime=True)
+  runner: str = runners.runner_setting(
+      'this process answers the queries (--threads)',
+      'the queries in batches of --batch_size, each worker process loading the export once and '
+      'answering one query at a time, writing the same submissions')
+  beam_pipeline_options: Optional[List[str]] = runners.pipeline_options_setting()
 
 
 # --- The whole run ---------------------------------------------------------------------------
@@ -208,8 +202,7 @@ def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = N
   settings.check(recognition)
   if not config.export or not config.output_dir:
     raise PredictError('give --export=<tfl-export folder> and --output_dir')
-  if config.beam_pipeline_options and config.runner != 'beam':
-    raise PredictError('--beam_pipeline_options is only used with --runner=beam')
+  runners.check(config.runner, config.beam_pipeline_options, PredictError)
   beam_runner = _beam_runner() if config.runner == 'beam' else None
   export = exports.load(config.export, verify=config.verify)
   total, read_queries, skipped = queries_lib.open_queries(
@@ -227,7 +220,7 @@ def predict(config: PredictConfig, recognition: Optional[RecognizerSettings] = N
 
 def _beam_runner():
   """The Beam runner module; a one-line error if the `beam` extra is not installed."""
-  with errors.beam_required(PredictError):
+  with runners.beam_required(PredictError):
     from tf_landmarks import predict_beam  # pylint: disable=g-import-not-at-top  (optional extra)
   return predict_beam
 
