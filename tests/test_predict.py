@@ -310,6 +310,15 @@ def test_an_error_answering_a_query_reaches_the_caller_and_the_threads_stop():
   assert not [thread for thread in threading.enumerate() if thread.name.startswith('tfl-answer')]
 
 
+def test_predict_json_gives_the_wall_time_per_query_of_the_run(world, predicted, tmp_path):
+  seconds = json.load(open(predicted / 'predict.json'))['seconds_per_query']
+  assert 0 < seconds['wall'] < seconds['total']
+  # A rerun of a finished prediction answers nothing: no wall time per query.
+  output_dir = tmp_path / 'again'
+  shutil.copytree(predicted, output_dir)
+  assert _predict(world, output_dir)['seconds_per_query']['wall'] is None
+
+
 def test_one_writer_per_predictions_folder(world, tmp_path):
   output_dir = tmp_path / 'taken'
   output_dir.mkdir()

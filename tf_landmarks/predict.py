@@ -25,6 +25,7 @@ from concurrent import futures
 import dataclasses
 import datetime
 import os
+import time
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -252,6 +253,7 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
       ids.append(image_id)
       if query is not None:
         yield query
+  started = time.perf_counter()
   try:
     with tf.io.gfile.GFile(files.join(config.output_dir, predictions.LOG), log_mode) as log, \
         tqdm.tqdm(total=total, initial=done, unit='query', desc='predict',
@@ -284,6 +286,7 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
         record(answered[image_id] for _, chunk in chunks for image_id in chunk)
   finally:
     journal.close()
+  answered_now, elapsed = len(journal.entries) - done, time.perf_counter() - started
   ordered = [journal.entries[image_id] for image_id in ids]
   seconds = np.array([entry['seconds'] for entry in ordered]) if ordered else np.zeros(1)
   statuses = collections.Counter(entry['status'] for entry in ordered)
@@ -297,5 +300,8 @@ def _predict(config: PredictConfig, recognition: RecognizerSettings, export: exp
           'statuses': dict(statuses),
           'seconds_per_query': {'median': float(np.median(seconds)),
                                 'p90': float(np.percentile(seconds, 90)),
-                                'total': float(seconds.sum())}}
+                                'total': float(seconds.sum()),
+                                # What the queries of this run took together: below the median
+                                # when several are answered at once (--threads, Beam's workers).
+                                'wall': elapsed / answered_now if answered_now else None}}
   return predictions.finish(config.output_dir, meta, ordered, with_retrieval=bool(meta['index']))

@@ -33,7 +33,9 @@ def main() -> int:
   print(f'Wrote {output_dir}: {counts["queries"]} queries, {counts["predictions"]} predictions '
         f'({counts["verified"]} verified), {counts["unusable"]} unusable images')
   print(f'  per query: median {seconds["median"] * 1000:.0f} ms, 90th percentile '
-        f'{seconds["p90"] * 1000:.0f} ms (predict.log has each query)')
+        f'{seconds["p90"] * 1000:.0f} ms (predict.log has each query)' +
+        (f'; this run: {seconds["wall"] * 1000:.0f} ms of wall time per query'
+         if seconds['wall'] is not None else ''))
   for kind, name in result['submissions'].items():
     if name:
       print(f'  {kind}: {output_dir}/{name}')
