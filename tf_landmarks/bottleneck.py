@@ -138,20 +138,20 @@ def feature_dataset(cached: CachedSplit, training: bool, batch_size: int, seed: 
   # A record is its float16 features plus framing, the label and the Example's own fields.
   example_bytes = 2 * math.prod(cached.shape) + 64
   budget = data.memory_budget() // 2
-  if training and cached.examples * example_bytes > budget:
+  streamed = training and cached.examples * example_bytes > budget
+  if streamed:
     dataset = (tf.data.Dataset.from_tensor_slices(list(cached.files))
                .shuffle(len(cached.files), seed=seed, reshuffle_each_iteration=True).repeat()
                .interleave(tf.data.TFRecordDataset, cycle_length=min(len(cached.files), 8),
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
-    if input_context and input_context.num_input_pipelines > 1:
-      dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    dataset = dataset.shuffle(data.shuffle_buffer_size(65536, example_bytes, budget), seed=seed)
   else:
     dataset = tf.data.TFRecordDataset(list(cached.files))
-    if input_context and input_context.num_input_pipelines > 1:
-      dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if training:
-      dataset = dataset.cache().repeat().shuffle(min(cached.examples, 65536), seed=seed)
+  if input_context and input_context.num_input_pipelines > 1:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if streamed:
+    dataset = dataset.shuffle(data.shuffle_buffer_size(65536, example_bytes, budget), seed=seed)
+  elif training:
+    dataset = dataset.cache().repeat().shuffle(min(cached.examples, 65536), seed=seed)
 
   def parse(serialized):
     example = tf.io.parse_example(serialized, spec)
